@@ -1,0 +1,75 @@
+"""Which implementation runs: ``FLATLORA_BACKEND`` forces one, otherwise the fastest for the device.
+
+Every backend provides the same three operations with the reference's semantics:
+``noise(seed, m, n, device)``, ``row_norms(weight, lora_A, lora_B, scaling)`` and
+``perturbed_matmul(a, weight, **kwargs)`` (see :mod:`flatlora_kernels.reference`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+from .noise import reference_noise
+
+BACKEND_ENV = "FLATLORA_BACKEND"
+BACKENDS = ("triton", "reference")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    noise: Callable[..., torch.Tensor]
+    row_norms: Callable[..., torch.Tensor]
+    perturbed_matmul: Callable[..., torch.Tensor]
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on ``device``, or None when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda" or _interpreter_requested():
+        return None
+    return (f"Triton kernels run on CUDA tensors, or on {device.type} tensors under the Triton "
+            "interpreter (set TRITON_INTERPRET=1 before importing triton)")
+
+
+def _triton_backend() -> Backend:
+    from .triton_ops.noise import generate_noise_triton
+    from .triton_ops.perturbed_matmul import perturbed_matmul_triton
+    from .triton_ops.row_norms import merged_row_norms_triton
+
+    return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton)
+
+
+_REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, reference.perturbed_matmul)
+
+
+def backend_name(device: torch.device | str) -> str:
+    """The backend that will run for tensors on ``device`` (honours ``FLATLORA_BACKEND``)."""
+    device = torch.device(device)
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+        if forced == "triton":
+            reason = triton_unavailable_reason(device)
+            if reason is not None:
+                raise RuntimeError(f"{BACKEND_ENV}=triton cannot run on {device}: {reason}")
+        return forced
+    if device.type == "cuda" and triton_unavailable_reason(device) is None:
+        return "triton"
+    return "reference"
+
+
+def get_backend(device: torch.device | str) -> Backend:
+    return _triton_backend() if backend_name(device) == "triton" else _REFERENCE

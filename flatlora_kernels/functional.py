@@ -1,0 +1,197 @@
+"""Public functional API: the noise, the merged filter norms and the Flat-LoRA linear op."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .backends import get_backend
+from .noise import split_seed
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+
+
+def _check_scaling(scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    return float(scaling)
+
+
+def _check_lora(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_float(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+    m, n = weight.shape
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError("lora_A has rank 0")
+    if lora_A.shape[1] != n:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}; expected (r, in_features={n})")
+    if tuple(lora_B.shape) != (m, r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; expected (out_features={m}, r={r})")
+
+
+def check_row_std(row_std: torch.Tensor, weight: torch.Tensor) -> None:
+    """Shape, dtype and device of ``c``; its values must be finite and >= 0 (this reads them)."""
+    if not isinstance(row_std, torch.Tensor):
+        raise TypeError(f"row_std must be a float32 tensor or None, got {type(row_std).__name__}")
+    if row_std.dtype != torch.float32 or tuple(row_std.shape) != (weight.shape[0],):
+        raise ValueError(f"row_std must be a float32 tensor of shape ({weight.shape[0]},), "
+                         f"got {row_std.dtype} {tuple(row_std.shape)}")
+    if row_std.device != weight.device:
+        raise ValueError(f"row_std is on {row_std.device} but weight is on {weight.device}")
+    if not bool(torch.isfinite(row_std).all()) or bool((row_std < 0).any()):
+        raise ValueError("row_std must hold finite values >= 0 (got NaN, inf or a negative entry)")
+
+
+def generate_noise(seed: int, out_features: int, in_features: int, *, device=None) -> torch.Tensor:
+    """The float32 ``(out_features, in_features)`` matrix ``Z(seed)`` that the kernels regenerate.
+
+    See :mod:`flatlora_kernels.noise` for the exact definition. This materialises it; the
+    training paths never do.
+    """
+    split_seed(seed)
+    for name, v in (("out_features", out_features), ("in_features", in_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if out_features > 2**32 or in_features > 2**34:
+        raise ValueError("the noise contract indexes at most 2**32 rows and 2**34 columns")
+    device = torch.device("cpu" if device is None else device)
+    return get_backend(device).noise(seed, out_features, in_features, device)
+
+
+def merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """``||W[i, :] + scaling * B[i, :] @ A||_2`` for every row, float32 ``(m,)``, never forming ``B @ A``.
+
+    ``weight`` is the logical ``(out_features, in_features)`` matrix (a transposed view is fine).
+    Not differentiable: it is a statistic of the current weights.
+    """
+    _check_lora(weight, lora_A, lora_B)
+    scaling = _check_scaling(scaling)
+    with torch.no_grad():
+        return get_backend(weight.device).row_norms(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class FlatLoraLinearFunction(torch.autograd.Function):
+    """``y = x (W + diag(c) Z)^T + bias + s * (dropout(x) A^T) B^T`` on 2-D ``x``.
+
+    Saves ``x``, the small ``(tokens, r)`` LoRA activation, the dropout mask and references to
+    the parameters: nothing of size ``out_features x in_features``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, seed, row_std, dropout_p,
+                compute_dtype, lora_dtype):
+        backend = get_backend(x.device)
+        x_lora = x.to(lora_dtype)
+        keep = None
+        if dropout_p > 0:
+            # The dropout mask comes from torch's generator, exactly like PEFT's nn.Dropout.
+            keep = torch.rand(x.shape, device=x.device) >= dropout_p
+            x_lora = x_lora * keep * (1.0 / (1.0 - dropout_p))
+        lora_hidden = x_lora @ lora_A.to(lora_dtype).t()
+        y = backend.perturbed_matmul(
+            x, weight, transpose_weight=True, seed=seed, row_std=row_std, bias=bias,
+            lora_left=lora_hidden, lora_right=lora_B.t(), scaling=scaling, keep=None, keep_scale=1.0,
+            out_dtype=compute_dtype)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, row_std, keep, lora_hidden)
+        ctx.config = (scaling, seed, dropout_p, compute_dtype, lora_dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, row_std, keep, lora_hidden = ctx.saved_tensors
+        scaling, seed, dropout_p, compute_dtype, lora_dtype, bias_dtype = ctx.config
+        keep_scale = 1.0 / (1.0 - dropout_p)
+        with torch.autocast(x.device.type, enabled=False):
+            grad_lora = grad_y.to(lora_dtype)
+            grad_hidden = grad_lora @ lora_B.to(lora_dtype)  # dL/d(x_lora A^T) / scaling
+            grad_x = grad_A = grad_B = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_x = get_backend(x.device).perturbed_matmul(
+                    grad_y, weight, transpose_weight=False, seed=seed, row_std=row_std, bias=None,
+                    lora_left=grad_hidden, lora_right=lora_A, scaling=scaling, keep=keep,
+                    keep_scale=keep_scale, out_dtype=compute_dtype).to(x.dtype)
+            if ctx.needs_input_grad[3]:
+                x_lora = x.to(lora_dtype)
+                if keep is not None:
+                    x_lora = x_lora * keep * keep_scale
+                grad_A = (scaling * (grad_hidden.t() @ x_lora)).to(lora_A.dtype)
+            if ctx.needs_input_grad[4]:
+                grad_B = (scaling * (grad_lora.t() @ lora_hidden)).to(lora_B.dtype)
+            if bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_bias = grad_y.float().sum(0).to(bias_dtype)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None
+
+
+def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, seed: int,
+                     row_std: torch.Tensor | None, dropout_p: float = 0.0,
+                     _row_std_checked: bool = False) -> torch.Tensor:
+    """LoRA linear layer evaluated at the perturbed merged weight ``W + diag(row_std) Z(seed) + s·BA``.
+
+    Args:
+        x: input ``(..., in_features)``.
+        weight: frozen base weight, logical shape ``(out_features, in_features)``; only read.
+        bias: ``(out_features,)`` or None; gets a gradient if it requires one.
+        lora_A, lora_B: ``(r, in_features)`` and ``(out_features, r)``.
+        scaling: the LoRA scale ``s``.
+        seed: 64-bit noise seed (Python int in ``[0, 2**64)``).
+        row_std: float32 ``(out_features,)`` per-row noise std ``c``, or None for plain LoRA.
+        dropout_p: dropout on the LoRA path only, as in PEFT (pass 0 in eval).
+
+    Returns ``(..., out_features)`` in the input's dtype, or the autocast dtype under autocast.
+    Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; the noise is regenerated, not
+    stored, in the backward pass.
+    """
+    _check_float("x", x)
+    _check_lora(weight, lora_A, lora_B)
+    m, n = weight.shape
+    if x.dim() == 0 or x.shape[-1] != n:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={n}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if weight.requires_grad:
+        raise ValueError("weight requires grad, but Flat-LoRA keeps the base weight frozen and "
+                         "computes no gradient for it; call weight.requires_grad_(False)")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (m,) or bias.device != weight.device:
+            raise ValueError(f"bias must have shape ({m},) on {weight.device}, "
+                             f"got {tuple(bias.shape)} on {bias.device}")
+    scaling = _check_scaling(scaling)
+    split_seed(seed)
+    if row_std is not None and not _row_std_checked:
+        check_row_std(row_std, weight)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+    autocast_dtype = _autocast_dtype(x.device.type)
+    compute_dtype = autocast_dtype or x.dtype
+    lora_dtype = autocast_dtype or lora_A.dtype
+    if compute_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"autocast dtype {compute_dtype} is not supported")
+    x2 = x.reshape(-1, n)
+    with torch.autocast(x.device.type, enabled=False):
+        y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, seed, row_std,
+                                         float(dropout_p), compute_dtype, lora_dtype)
+    return y.reshape(*x.shape[:-1], m)

@@ -1,0 +1,122 @@
+"""``FlatLoraLinear``: PEFT's LoRA ``Linear`` with the Flat-LoRA perturbation in its forward pass."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+
+from .functional import check_row_std, flat_lora_linear, merged_row_norms
+from .noise import split_seed
+
+
+class FlatLoraLinear(LoraLinear):
+    """Drop-in replacement for ``peft.tuners.lora.Linear`` that trains under Flat-LoRA noise.
+
+    Only ``forward`` differs from PEFT: parameters, state-dict keys, ``merge``/``unmerge`` and
+    ``merge_and_unload`` are PEFT's own, and the noise is never merged. The noise state (the
+    layer's seed and the per-row std ``c``) lives in plain attributes, outside the state dict.
+
+    While a sample is active (:meth:`sample_noise`) and the module is in training mode, the
+    forward pass computes ``x (W + diag(c) Z(seed))^T + bias + s * B A dropout(x)`` with fused
+    kernels; in eval mode, with no sample, with disabled adapters or a merged adapter, it is
+    exactly PEFT's LoRA forward.
+    """
+
+    noise_seed: int | None
+    noise_row_std: torch.Tensor | None
+
+    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, *args, **kwargs)
+        self._reset_noise_state()
+
+    def _reset_noise_state(self) -> None:
+        self.noise_seed = None
+        self.noise_row_std = None
+
+    @classmethod
+    def from_lora_linear(cls, layer: LoraLinear) -> "FlatLoraLinear":
+        """Turn an existing PEFT LoRA ``Linear`` into a ``FlatLoraLinear`` in place (same object,
+        same parameters and hooks) and return it."""
+        if isinstance(layer, cls):
+            raise ValueError("layer is already a FlatLoraLinear")
+        if type(layer) is not LoraLinear:
+            raise TypeError(f"expected a peft.tuners.lora.Linear, got {type(layer).__module__}."
+                            f"{type(layer).__qualname__}")
+        layer.__class__ = cls
+        layer._reset_noise_state()
+        return layer
+
+    @property
+    def noise_active(self) -> bool:
+        return self.noise_row_std is not None
+
+    def logical_weight(self) -> torch.Tensor:
+        """The frozen base weight as an ``(out_features, in_features)`` view (``Conv1D`` stores it
+        transposed); noise indices ``(i, j)`` refer to this matrix."""
+        weight = self.get_base_layer().weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _noise_adapter(self) -> str:
+        """The single vanilla LoRA adapter that noise applies to, or a clear error."""
+        active = list(self.active_adapters)
+        if len(active) != 1:
+            raise ValueError(f"Flat-LoRA noise needs exactly one active adapter, got {active}")
+        adapter = active[0]
+        if adapter not in self.lora_A:
+            raise ValueError(f"active adapter {adapter!r} has no LoRA weights in this layer")
+        if adapter in self.lora_variant:
+            variant = type(self.lora_variant[adapter]).__name__
+            raise NotImplementedError(f"Flat-LoRA noise supports vanilla LoRA only; adapter {adapter!r} "
+                                      f"uses the {variant} variant (e.g. DoRA)")
+        if self.lora_bias.get(adapter, False):
+            raise NotImplementedError(f"Flat-LoRA noise does not support lora_bias=True (adapter {adapter!r})")
+        return adapter
+
+    @torch.no_grad()
+    def sample_noise(self, seed: int, sigma: float) -> None:
+        """Draw a new perturbation: keep ``seed`` and ``c = sigma * ||W + s B A||_row / sqrt(n)``,
+        computed now and frozen until the next call. ``sigma == 0`` clears the noise."""
+        split_seed(seed)
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        if sigma == 0:
+            self._reset_noise_state()
+            return
+        adapter = self._noise_adapter()
+        weight = self.logical_weight()
+        norms = merged_row_norms(weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                 self.scaling[adapter])
+        row_std = norms * (float(sigma) / math.sqrt(weight.shape[1]))
+        check_row_std(row_std, weight)
+        self.noise_seed = seed
+        self.noise_row_std = row_std
+
+    def clear_noise(self) -> None:
+        """Drop the current sample: the layer is plain LoRA until the next :meth:`sample_noise`."""
+        self._reset_noise_state()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not (self.noise_active and self.training) or self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError("mixed-adapter batches (adapter_names=...) cannot be trained with Flat-LoRA noise")
+        if args or any(v is not None for v in kwargs.values()):
+            raise TypeError(f"FlatLoraLinear got extra forward arguments it cannot pass on: "
+                            f"{len(args)} positional, keywords {sorted(kwargs)}")
+        adapter = self._noise_adapter()
+        weight = self.logical_weight()
+        dropout = self.lora_dropout[adapter]
+        dropout_p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
+        row_std = self.noise_row_std
+        if row_std.device != weight.device:
+            row_std = self.noise_row_std = row_std.to(weight.device)
+        return flat_lora_linear(
+            x, weight, self.get_base_layer().bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+            self.scaling[adapter], seed=self.noise_seed, row_std=row_std, dropout_p=dropout_p,
+            _row_std_checked=True)
+
+    def __repr__(self) -> str:
+        return "flatlora." + super().__repr__().removeprefix("lora.")

@@ -1,0 +1,134 @@
+"""The noise contract: one definition of the standard-normal matrix ``Z(seed, i, j)``.
+
+Every implementation in this package (the Triton kernels, the pure-torch reference below,
+and the native code in ``csrc/``) computes exactly this function. It depends only on the
+64-bit ``seed`` and the element's logical position ``(i, j)`` in the ``(out_features,
+in_features)`` weight, never on tile sizes, token counts, batch order, device or kernel.
+
+Definition
+----------
+1. **Generator.** Philox4x32-10 (Salmon et al., SC'11; the Random123 reference constants):
+   key ``(k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)``; ten rounds of::
+
+       hi0:lo0 = 0xD2511F53 * c0          (64-bit product of two uint32)
+       hi1:lo1 = 0xCD9E8D57 * c2
+       (c0, c1, c2, c3) = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)
+       k0 += 0x9E3779B9;  k1 += 0xBB67AE85   (mod 2**32)
+
+2. **Counter layout.** Element ``(i, j)`` belongs to the Philox call with counter
+   ``(c0, c1, c2, c3) = (j >> 2, i, 0, 0)`` and takes lane ``j & 3`` of its four outputs
+   ``(x0, x1, x2, x3)``. One call therefore serves four neighbouring columns of one row;
+   ``i < 2**32`` and ``j < 2**34``, so matrices with ``m * n >= 2**31`` are covered.
+
+3. **Uniforms.** Each uint32 word ``x`` becomes ``u = ((x >> 9) + 0.5) * 2**-23``, an exact
+   float32 in ``(0, 1)`` (the smallest is ``2**-24``, the largest ``1 - 2**-24``).
+
+4. **Normals (Box-Muller, all four words used).** From ``(x0, x1)``::
+
+       r = sqrt(-2 * ln(u(x0)));   theta = float32(pi) * (2 * u(x1) - 1)   # in (-pi, pi)
+       lane 0 = r * cos(theta);    lane 1 = r * sin(theta)
+
+   and likewise lanes 2 and 3 from ``(x2, x3)``. All arithmetic is float32; ``2*u - 1`` is
+   exact, the product with pi is one rounded float32 multiply. Only ``ln``, ``sqrt``,
+   ``cos`` and ``sin`` may differ between devices, in their last bits.
+
+5. **Tails.** Because ``u >= 2**-24``, ``|Z| <= sqrt(48 ln 2) ~= 5.768``: the tail beyond that
+   (probability ~8e-9 per draw) is cut off, nothing else is clipped.
+
+The perturbation of a layer is ``eps = diag(c) Z`` with ``c`` the ``(m,)`` float32 vector of
+row standard deviations; ``Z`` is only ever regenerated, never stored by the fused paths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUNDS = 10
+NORMALS_PER_CALL = 4
+SEED_LIMIT = 2**64
+# Largest |Z| the contract can produce: the Box-Muller radius at u = 2**-24.
+MAX_ABS_NORMAL = math.sqrt(-2.0 * math.log(2.0**-24))
+
+_MASK32 = 0xFFFFFFFF
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Check a seed and return its Philox key ``(low 32 bits, high 32 bits)``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be a Python int in [0, 2**64), got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed & _MASK32, seed >> 32
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low words of ``a * b`` for a uint32 constant ``a`` and uint32 values in int64.
+
+    The product can reach 2**64, beyond int64, so ``a`` is split into 16-bit halves and each
+    partial product (< 2**48) stays exact.
+    """
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    p_lo = b * a_lo
+    p_hi = b * a_hi
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32(
+    seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None = None, c3: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 on int64 tensors holding uint32 values (the reference generator)."""
+    k0, k1 = split_seed(seed)
+    c0 = c0.to(torch.int64)
+    c1 = c1.to(torch.int64).expand_as(c0)
+    c2 = torch.zeros_like(c0) if c2 is None else c2.to(torch.int64).expand_as(c0)
+    c3 = torch.zeros_like(c0) if c3 is None else c3.to(torch.int64).expand_as(c0)
+    for _ in range(PHILOX_ROUNDS):
+        hi0, lo0 = _mulhilo32(PHILOX_ROUND_A, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_ROUND_B, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_from_bits(x: torch.Tensor) -> torch.Tensor:
+    """Step 3 of the contract: uint32 words (in int64) to exact float32 uniforms in (0, 1)."""
+    return ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
+
+
+def box_muller(x_radius: torch.Tensor, x_angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4 of the contract: two uint32 words to two standard normals (float32)."""
+    r = torch.sqrt(-2.0 * torch.log(uniform_from_bits(x_radius)))
+    theta = (2.0 * uniform_from_bits(x_angle) - 1.0) * torch.tensor(math.pi, dtype=torch.float32)
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def reference_noise_rows(seed: int, row_start: int, row_end: int, n: int, device=None) -> torch.Tensor:
+    """Rows ``[row_start, row_end)`` of ``Z(seed)`` with ``n`` columns, float32, in plain torch."""
+    if not 0 <= row_start <= row_end < 2**32:
+        raise ValueError(f"row range [{row_start}, {row_end}) must lie in [0, 2**32)")
+    quads = -(-n // NORMALS_PER_CALL)
+    rows = torch.arange(row_start, row_end, dtype=torch.int64, device=device)[:, None]
+    cols = torch.arange(quads, dtype=torch.int64, device=device)[None, :]
+    x0, x1, x2, x3 = philox4x32(seed, cols.expand(rows.shape[0], quads), rows)
+    z0, z1 = box_muller(x0, x1)
+    z2, z3 = box_muller(x2, x3)
+    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(rows.shape[0], quads * NORMALS_PER_CALL)
+    return z[:, :n]
+
+
+def reference_noise(seed: int, m: int, n: int, device=None, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """The whole ``(m, n)`` matrix ``Z(seed)`` in plain torch, built a bounded block of rows at a time."""
+    out = torch.empty(m, n, dtype=torch.float32, device=device)
+    for start in range(0, m, rows_per_chunk):
+        stop = min(m, start + rows_per_chunk)
+        out[start:stop] = reference_noise_rows(seed, start, stop, n, device=device)
+    return out

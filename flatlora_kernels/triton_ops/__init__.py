@@ -1,0 +1,1 @@
+"""Triton kernels: noise tiles, merged row norms and the perturbed matmul."""

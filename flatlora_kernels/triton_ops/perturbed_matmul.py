@@ -1,0 +1,154 @@
+"""The perturbed matmul: ``a @ op(W + diag(c) Z)`` with the LoRA term fused into the epilogue.
+
+One kernel serves both directions of the Flat-LoRA linear layer:
+
+* forward (``W_ROWS_ARE_N``):  ``y  = x  @ (W + diag(c) Z)^T + bias + s * (u @ B^T)``,
+  with ``u = dropout(x) @ A^T``;
+* backward dX:                 ``dx = dy @ (W + diag(c) Z) + s * (g @ A) * keep / (1 - p)``,
+  with ``g = dy @ B``.
+
+In both, each W tile is loaded once per token tile, its noise tile is regenerated in
+registers from the seed (:func:`gaussian_tile`), added in float32 and rounded to the compute
+dtype, then fed to ``tl.dot``. W is never written and no noise reaches memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import noise as contract
+from .common import (INTERPRETER, cast_needs_manual_rounding, cdiv, dot_needs_fp32_operands,
+                     fp32_dot_precision, round_to)
+from .noise import gaussian_tile
+from .row_norms import rank_block
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _perturbed_matmul_kernel(
+    a_ptr, w_ptr, row_std_ptr, bias_ptr, left_ptr, right_ptr, keep_ptr, out_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_wi, stride_wj,
+    stride_lm, stride_lr, stride_rr, stride_rn,
+    stride_km, stride_kn, stride_om, stride_on,
+    scaling, keep_scale, seed_lo, seed_hi,
+    W_ROWS_ARE_N: tl.constexpr,  # True: output columns are W rows (forward); False: W columns (dX)
+    HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    compute_dtype = out_ptr.dtype.element_ty
+    # Grouped ordering: neighbouring programs share W tiles in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_start = pid_n.to(tl.int64) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    if HAS_NOISE and W_ROWS_ARE_N:
+        std_n = tl.load(row_std_ptr + offs_n, mask=n_ok, other=0.0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
+        if W_ROWS_ARE_N:
+            # W tile [BLOCK_N rows i, BLOCK_K columns j], used transposed.
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wi + offs_k[None, :] * stride_wj,
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_NOISE:
+                z = gaussian_tile(seed_lo, seed_hi, offs_n, k_start, BLOCK_K)
+                w = w.to(tl.float32) + std_n[:, None] * z
+            w = tl.trans(round_to(w, compute_dtype, MANUAL_BF16_ROUNDING))
+        else:
+            # W tile [BLOCK_K rows i, BLOCK_N columns j], used as is.
+            w = tl.load(w_ptr + offs_k[:, None] * stride_wi + offs_n[None, :] * stride_wj,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if HAS_NOISE:
+                std_k = tl.load(row_std_ptr + offs_k, mask=k_ok, other=0.0)
+                z = gaussian_tile(seed_lo, seed_hi, offs_k, n_start, BLOCK_N)
+                w = w.to(tl.float32) + std_k[:, None] * z
+            w = round_to(w, compute_dtype, MANUAL_BF16_ROUNDING)
+        if UPCAST_DOT:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=FP32_PRECISION)
+
+    if HAS_LORA:
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        left = tl.load(left_ptr + offs_m[:, None] * stride_lm + ranks[None, :] * stride_lr,
+                       mask=m_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+        right = tl.load(right_ptr + ranks[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                        mask=rank_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        lora = tl.dot(left, right, input_precision="ieee") * scaling
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_n[None, :] * stride_kn,
+                           mask=m_ok[:, None] & n_ok[None, :], other=0)
+            lora = lora * (keep.to(tl.float32) * keep_scale)
+        acc += lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             round_to(acc, compute_dtype, MANUAL_BF16_ROUNDING), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _block_sizes(dtype: torch.dtype) -> dict:
+    if INTERPRETER:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def perturbed_matmul_triton(
+    a: torch.Tensor, weight: torch.Tensor, *, transpose_weight: bool, seed: int,
+    row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
+    lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
+    out_dtype: torch.dtype, out: torch.Tensor | None = None, block_sizes: dict | None = None,
+) -> torch.Tensor:
+    """Launch the kernel; the semantics are those of :func:`flatlora_kernels.reference.perturbed_matmul`."""
+    seed_lo, seed_hi = contract.split_seed(seed)
+    m_w, n_w = weight.shape
+    M = a.shape[0]
+    N, K = (m_w, n_w) if transpose_weight else (n_w, m_w)
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    has_lora = lora_left is not None
+    r = lora_left.shape[1] if has_lora else 1
+    unused = weight  # any tensor stands in for an absent operand; its constexpr flag is off
+    left = lora_left if has_lora else unused
+    right = lora_right if has_lora else unused
+    keep_t = keep if keep is not None else unused
+    cfg = dict(block_sizes or _block_sizes(out_dtype))
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    _perturbed_matmul_kernel[grid](
+        a, weight, row_std if row_std is not None else unused, bias if bias is not None else unused,
+        left, right, keep_t, out,
+        M, N, K, r,
+        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        keep_t.stride(0), keep_t.stride(1), out.stride(0), out.stride(1),
+        float(scaling), float(keep_scale), seed_lo, seed_hi,
+        W_ROWS_ARE_N=transpose_weight, HAS_NOISE=row_std is not None, HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora, HAS_KEEP=keep is not None,
+        UPCAST_DOT=dot_needs_fp32_operands(out_dtype),
+        MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(out_dtype), FP32_PRECISION=fp32_dot_precision(),
+        BLOCK_R=rank_block(r), **cfg,
+    )
+    return out
