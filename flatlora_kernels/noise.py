@@ -111,18 +111,22 @@ def box_muller(x_radius: torch.Tensor, x_angle: torch.Tensor) -> tuple[torch.Ten
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def reference_noise_rows(seed: int, row_start: int, row_end: int, n: int, device=None) -> torch.Tensor:
-    """Rows ``[row_start, row_end)`` of ``Z(seed)`` with ``n`` columns, float32, in plain torch."""
-    if not 0 <= row_start <= row_end < 2**32:
-        raise ValueError(f"row range [{row_start}, {row_end}) must lie in [0, 2**32)")
-    quads = -(-n // NORMALS_PER_CALL)
+def reference_noise_block(seed: int, row_start: int, row_end: int, col_start: int, col_end: int,
+                          device=None) -> torch.Tensor:
+    """``Z(seed)[row_start:row_end, col_start:col_end]``, float32, in plain torch."""
+    if not 0 <= row_start <= row_end <= 2**32 or not 0 <= col_start <= col_end <= 2**34:
+        raise ValueError(f"block rows [{row_start}, {row_end}) x cols [{col_start}, {col_end}) "
+                         "lies outside the 2**32 x 2**34 index space of the contract")
+    first_quad = col_start // NORMALS_PER_CALL
+    quads = -(-col_end // NORMALS_PER_CALL) - first_quad
     rows = torch.arange(row_start, row_end, dtype=torch.int64, device=device)[:, None]
-    cols = torch.arange(quads, dtype=torch.int64, device=device)[None, :]
+    cols = torch.arange(first_quad, first_quad + quads, dtype=torch.int64, device=device)[None, :]
     x0, x1, x2, x3 = philox4x32(seed, cols.expand(rows.shape[0], quads), rows)
     z0, z1 = box_muller(x0, x1)
     z2, z3 = box_muller(x2, x3)
     z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(rows.shape[0], quads * NORMALS_PER_CALL)
-    return z[:, :n]
+    skip = col_start - first_quad * NORMALS_PER_CALL
+    return z[:, skip:skip + col_end - col_start]
 
 
 def reference_noise(seed: int, m: int, n: int, device=None, rows_per_chunk: int = 1024) -> torch.Tensor:
@@ -130,5 +134,5 @@ def reference_noise(seed: int, m: int, n: int, device=None, rows_per_chunk: int 
     out = torch.empty(m, n, dtype=torch.float32, device=device)
     for start in range(0, m, rows_per_chunk):
         stop = min(m, start + rows_per_chunk)
-        out[start:stop] = reference_noise_rows(seed, start, stop, n, device=device)
+        out[start:stop] = reference_noise_block(seed, start, stop, 0, n, device=device)
     return out

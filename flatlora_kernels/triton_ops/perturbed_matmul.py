@@ -129,6 +129,9 @@ def perturbed_matmul_triton(
         out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return out
+    # The kernel indexes the (m,) vectors as contiguous; they are tiny, so copy the odd strided one.
+    row_std = row_std.contiguous() if row_std is not None else None
+    bias = bias.contiguous() if bias is not None else None
     has_lora = lora_left is not None
     r = lora_left.shape[1] if has_lora else 1
     unused = weight  # any tensor stands in for an absent operand; its constexpr flag is off

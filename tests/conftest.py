@@ -1,0 +1,41 @@
+"""Test set-up: the Triton interpreter on machines without CUDA, and (device, backend) pairs.
+
+TRITON_INTERPRET must be set before triton is imported anywhere, hence here, first.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from flatlora_kernels.backends import BACKEND_ENV, triton_unavailable_reason  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_cases():
+    """Every (device, backend) pair that can run here."""
+    cases = []
+    for device in DEVICES:
+        for backend in ("triton", "reference"):
+            if backend == "triton" and triton_unavailable_reason(torch.device(device)) is not None:
+                continue
+            cases.append(pytest.param((device, backend), id=f"{device}-{backend}"))
+    return cases
+
+
+@pytest.fixture(params=backend_cases())
+def device_backend(request, monkeypatch):
+    """(device, backend name) with FLATLORA_BACKEND forced to that backend for the test."""
+    device, backend = request.param
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    return torch.device(device), backend
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    torch.manual_seed(0)

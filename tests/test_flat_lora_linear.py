@@ -1,0 +1,278 @@
+"""flat_lora_linear: forward and every gradient against float64 oracles, on every backend."""
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
+
+import flatlora_kernels as fk
+from flatlora_kernels.backends import BACKEND_ENV
+
+from .helpers import REL_TOL, assert_close_rel, float64_flat_lora, rel_err
+
+# (leading shape of x, in_features n, out_features m, rank r): none a multiple of any tile.
+SHAPES = [((19,), 53, 37, 3), ((2, 5), 33, 70, 8), ((1,), 1, 1, 1), ((3, 1, 4), 130, 17, 16)]
+# (activation and base-weight dtype, LoRA dtype)
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+          (torch.bfloat16, torch.bfloat16)]
+
+
+def make_inputs(device, lead, n, m, r, dtype, lora_dtype, bias=True, noise=True, noise_scale=0.3):
+    x = torch.randn(*lead, n, device=device).to(dtype).requires_grad_()
+    weight = torch.randn(m, n, device=device).to(dtype)
+    lora_A = (torch.randn(r, n, device=device) / n**0.5).to(lora_dtype).requires_grad_()
+    lora_B = torch.randn(m, r, device=device).to(lora_dtype).requires_grad_()
+    b = torch.randn(m, device=device).to(dtype).requires_grad_() if bias else None
+    # Noise as large as the weights themselves, so a wrong noise element cannot hide in tolerance.
+    row_std = (noise_scale * (0.5 + torch.rand(m, device=device))) if noise else None
+    return x, weight, b, lora_A, lora_B, row_std
+
+
+def run_both(x, weight, bias, lora_A, lora_B, row_std, *, seed=1234, scaling=0.75, dropout_p=0.0, rng_seed=7):
+    """Our op and the float64 oracle on the same inputs and dropout mask; returns outputs and grads."""
+    torch.manual_seed(rng_seed)
+    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, scaling, seed=seed, row_std=row_std,
+                            dropout_p=dropout_p)
+    keep = None
+    if dropout_p > 0:
+        torch.manual_seed(rng_seed)  # the op draws its mask first, from torch's generator
+        keep = (torch.rand(x.reshape(-1, x.shape[-1]).shape, device=x.device) >= dropout_p).reshape(x.shape)
+    y64, leaves = float64_flat_lora(x, weight, bias, lora_A, lora_B, scaling, seed, row_std, keep, dropout_p)
+    dy = torch.randn(y.shape, device=y.device)
+    grads = torch.autograd.grad(y, [t for t in (x, lora_A, lora_B, bias) if t is not None], dy.to(y.dtype))
+    grads64 = torch.autograd.grad(y64, [t for t in leaves if t is not None], dy.double())
+    return y, y64, grads, grads64
+
+
+@pytest.mark.parametrize("lead,n,m,r", SHAPES)
+@pytest.mark.parametrize("dtype,lora_dtype", DTYPES)
+def test_forward_and_gradients_match_float64(device_backend, lead, n, m, r, dtype, lora_dtype):
+    device, _ = device_backend
+    inputs = make_inputs(device, lead, n, m, r, dtype, lora_dtype)
+    y, y64, grads, grads64 = run_both(*inputs)
+    assert y.dtype == dtype and y.shape == (*lead, m)
+    assert_close_rel(y, y64, dtype, "y")
+    for name, g, g64 in zip(("x", "lora_A", "lora_B", "bias"), grads, grads64):
+        assert_close_rel(g, g64, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype,lora_dtype", DTYPES[:2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dropout_on_the_lora_path(device_backend, dtype, lora_dtype, bias):
+    device, _ = device_backend
+    inputs = make_inputs(device, (23,), 45, 38, 4, dtype, lora_dtype, bias=bias)
+    y, y64, grads, grads64 = run_both(*inputs, dropout_p=0.4)
+    assert_close_rel(y, y64, dtype, "y")
+    for g, g64 in zip(grads, grads64):
+        assert_close_rel(g, g64, dtype, "grad")
+
+
+def test_tolerances_catch_wrong_noise(device_backend):
+    """Another seed's noise lies far outside the tolerance: the comparisons above can fail."""
+    device, _ = device_backend
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs(device, (9,), 40, 30, 2, torch.bfloat16, torch.float32)
+    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, seed=1, row_std=row_std)
+    y64_other, _ = float64_flat_lora(x, weight, bias, lora_A, lora_B, 0.5, 2, row_std)
+    assert rel_err(y, y64_other) > 3 * REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_agrees_with_reference(dtype, monkeypatch):
+    if fk.backends.triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip("needs the Triton interpreter")
+    inputs = make_inputs("cpu", (3, 7), 61, 29, 5, dtype, torch.float32)
+    results = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv(BACKEND_ENV, backend)
+        torch.manual_seed(3)
+        y = fk.flat_lora_linear(*inputs[:5], 0.6, seed=77, row_std=inputs[5], dropout_p=0.25)
+        results[backend] = (y, *torch.autograd.grad(y.float().square().sum(), [inputs[0], inputs[3], inputs[4]]))
+    # Same rounding points; only the fp32 summation order (and FMA contraction of W + c*Z)
+    # differs. In 16-bit dtypes that is at most ~2 ulp of the output; in fp32 it grows with the
+    # K-term sums, so 16 ulp. Measured against each tensor's own scale.
+    ulps = {torch.float32: 2.0**-19, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    for ours, ref in zip(results["triton"], results["reference"]):
+        assert ours.dtype == ref.dtype
+        assert rel_err(ours, ref) <= ulps, rel_err(ours, ref)
+
+
+def test_backward_regenerates_the_forward_noise(device_backend):
+    """Read W + eps back through both passes: forward with one-hot tokens, dX with one-hot dY."""
+    device, _ = device_backend
+    m, n, seed = 21, 38, 2**63 + 5
+    weight = torch.randn(m, n, device=device)
+    lora_A = torch.zeros(2, n, device=device, requires_grad=True)
+    lora_B = torch.zeros(m, 2, device=device, requires_grad=True)
+    row_std = torch.ones(m, device=device)
+    z = fk.generate_noise(seed, m, n, device=device)
+    eye_n = torch.eye(n, device=device)
+    y = fk.flat_lora_linear(eye_n, weight, None, lora_A, lora_B, 1.0, seed=seed, row_std=row_std)
+    torch.testing.assert_close(y.t() - weight, z, rtol=0, atol=1e-5)
+    x = torch.randn(m, n, device=device, requires_grad=True)
+    out = fk.flat_lora_linear(x, weight, None, lora_A, lora_B, 1.0, seed=seed, row_std=row_std)
+    (grad_x,) = torch.autograd.grad(out, x, torch.eye(m, device=device))
+    torch.testing.assert_close(grad_x - weight, z, rtol=0, atol=1e-5)
+
+
+def test_noise_of_a_row_ignores_token_count_and_order(device_backend):
+    device, _ = device_backend
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs(device, (13,), 50, 27, 3, torch.float32, torch.float32)
+    call = lambda inp: fk.flat_lora_linear(inp, weight, bias, lora_A, lora_B, 0.5, seed=9,  # noqa: E731
+                                           row_std=row_std).detach()
+    full = call(x)
+    perm = torch.randperm(13, device=device)
+    torch.testing.assert_close(call(x[perm]), full[perm], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(call(x[4:5]), full[4:5], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(call(x.repeat(3, 1)), full.repeat(3, 1), rtol=1e-6, atol=1e-5)
+
+
+def _peft_layer(weight, bias, lora_A, lora_B, alpha):
+    m, n = weight.shape
+    base = torch.nn.Linear(n, m, bias=bias is not None)
+    with torch.no_grad():
+        base.weight.copy_(weight)
+        if bias is not None:
+            base.bias.copy_(bias)
+    r = lora_A.shape[0]
+    layer = LoraLinear(base, "default", config=LoraConfig(r=r, lora_alpha=alpha), r=r, lora_alpha=alpha)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+    return layer
+
+
+@pytest.mark.parametrize("row_std_kind", ["none", "zeros"])
+def test_without_noise_it_is_plain_peft_lora(device_backend, row_std_kind):
+    device, _ = device_backend
+    x, weight, bias, lora_A, lora_B, _ = make_inputs("cpu", (4, 6), 31, 22, 4, torch.float32, torch.float32)
+    layer = _peft_layer(weight, bias, lora_A.detach(), lora_B.detach(), alpha=8).to(device)
+    x = x.detach().to(device).requires_grad_()
+    expected = layer(x)
+    expected_grads = torch.autograd.grad(expected.sum(), [x, layer.lora_A["default"].weight])
+    row_std = None if row_std_kind == "none" else torch.zeros(22, device=device)
+    lora_A = layer.lora_A["default"].weight
+    y = fk.flat_lora_linear(x, layer.base_layer.weight.detach(), layer.base_layer.bias, lora_A,
+                            layer.lora_B["default"].weight, layer.scaling["default"], seed=0, row_std=row_std)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(torch.autograd.grad(y.sum(), [x, lora_A]), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_weight_sized_is_saved_and_weight_is_untouched(device_backend):
+    device, _ = device_backend
+    m, n, tokens = 40, 30, 7
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs(device, (tokens,), n, m, 4, torch.bfloat16,
+                                                           torch.float32)
+    before = weight.clone()
+    version = weight._version
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, seed=3, row_std=row_std, dropout_p=0.1)
+    y.float().sum().backward()
+    assert saved, "the op saved nothing; the hook did not see it"
+    for t in saved:
+        if t.numel() >= m * n:
+            assert t.data_ptr() == weight.data_ptr(), f"a weight-sized tensor {tuple(t.shape)} was saved"
+    assert torch.equal(weight, before) and weight._version == version
+
+
+def test_non_contiguous_operands(device_backend):
+    device, _ = device_backend
+    m, n, r = 26, 35, 3
+    x_store = torch.randn(n, 2 * 11, device=device)
+    x = x_store[:, ::2].t().requires_grad_()  # (11, n), strided both ways
+    w_store = torch.randn(n, m, device=device)  # Conv1D layout: logical W is its transpose
+    a_store = torch.randn(n, r, device=device) / 6
+    b_store = torch.randn(r, m, device=device)
+    lora_A = a_store.t().requires_grad_()
+    lora_B = b_store.t().requires_grad_()
+    row_std = torch.rand(2 * m, device=device)[::2]
+    y, y64, grads, grads64 = run_both(x, w_store.t(), None, lora_A, lora_B, row_std)
+    assert_close_rel(y, y64, torch.float32, "y")
+    for g, g64 in zip(grads, grads64):
+        assert_close_rel(g, g64, torch.float32, "grad")
+
+
+def test_zero_tokens(device_backend):
+    device, _ = device_backend
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs(device, (0,), 12, 9, 2, torch.float32, torch.float32)
+    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, seed=0, row_std=row_std)
+    assert y.shape == (0, 9)
+    y.sum().backward()
+    assert x.grad.shape == (0, 12) and torch.equal(lora_A.grad, torch.zeros_like(lora_A))
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast(device_backend, autocast_dtype):
+    device, _ = device_backend
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs(device, (2, 9), 47, 31, 4, torch.float32, torch.float32)
+    with torch.autocast(device.type, dtype=autocast_dtype):
+        y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, seed=11, row_std=row_std)
+        peft_y = _peft_layer(weight, bias, lora_A.detach(), lora_B.detach(), 2).to(device)(x)
+    assert y.dtype == peft_y.dtype == autocast_dtype
+    grads = torch.autograd.grad(y.float().sum(), [x, lora_A, lora_B, bias])
+    assert [g.dtype for g in grads] == [torch.float32] * 4
+    y64, leaves = float64_flat_lora(x, weight, bias, lora_A, lora_B, 0.5, 11, row_std)
+    assert_close_rel(y, y64, autocast_dtype, "y")
+    for g, g64 in zip(grads, torch.autograd.grad(y64.sum(), list(leaves))):
+        assert_close_rel(g, g64, autocast_dtype, "grad")
+
+
+def test_bias_gradient_only_when_required(device_backend):
+    device, _ = device_backend
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs(device, (5,), 14, 10, 2, torch.float32, torch.float32)
+    frozen_bias = bias.detach()
+    y = fk.flat_lora_linear(x, weight, frozen_bias, lora_A, lora_B, 1.0, seed=0, row_std=row_std)
+    y.sum().backward()
+    assert frozen_bias.grad is None and lora_A.grad is not None
+
+
+def _valid():
+    return dict(x=torch.randn(3, 8), weight=torch.randn(5, 8), bias=torch.randn(5), lora_A=torch.randn(2, 8),
+                lora_B=torch.randn(5, 2), scaling=1.0, seed=0, row_std=torch.rand(5), dropout_p=0.0)
+
+
+BAD_INPUTS = [
+    (dict(x=torch.randn(3, 7)), ValueError, "last dimension"),
+    (dict(x=torch.randn(3, 8).double()), TypeError, "x has dtype"),
+    (dict(x=torch.tensor(1.0)), ValueError, "last dimension"),
+    (dict(x=[[1.0] * 8]), TypeError, "x must be a torch.Tensor"),
+    (dict(weight=torch.randn(5, 8).requires_grad_()), ValueError, "frozen"),
+    (dict(weight=torch.randn(5, 8).to(torch.int32)), TypeError, "weight has dtype"),
+    (dict(bias=torch.randn(4)), ValueError, "bias must have shape"),
+    (dict(lora_A=torch.randn(2, 9)), ValueError, "lora_A"),
+    (dict(lora_B=torch.randn(5, 3)), ValueError, "lora_B"),
+    (dict(row_std=torch.rand(4)), ValueError, "row_std must be a float32 tensor of shape"),
+    (dict(row_std=torch.rand(5).double()), ValueError, "row_std must be a float32"),
+    (dict(row_std=torch.tensor([0.1, float("nan"), 0.1, 0.1, 0.1])), ValueError, "finite"),
+    (dict(row_std=torch.tensor([0.1, float("inf"), 0.1, 0.1, 0.1])), ValueError, "finite"),
+    (dict(row_std=torch.tensor([0.1, -0.1, 0.1, 0.1, 0.1])), ValueError, "negative"),
+    (dict(row_std=0.05), TypeError, "row_std"),
+    (dict(seed=-3), ValueError, "seed"),
+    (dict(seed=0.5), TypeError, "seed"),
+    (dict(seed=None), TypeError, "seed"),
+    (dict(scaling=float("inf")), ValueError, "scaling"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+    (dict(x=torch.randn(3, 8, device="meta")), ValueError, "x is on meta"),
+]
+
+
+@pytest.mark.parametrize("override,error,match", BAD_INPUTS)
+def test_bad_inputs_raise_clear_errors(override, error, match):
+    kwargs = {**_valid(), **override}
+    with pytest.raises(error, match=match):
+        fk.flat_lora_linear(kwargs.pop("x"), kwargs.pop("weight"), kwargs.pop("bias"), kwargs.pop("lora_A"),
+                            kwargs.pop("lora_B"), kwargs.pop("scaling"), **kwargs)
+
+
+def test_unknown_or_unavailable_backend(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "cuda-magic")
+    with pytest.raises(ValueError, match="FLATLORA_BACKEND"):
+        fk.backend_name("cpu")
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    if fk.backends.triton_unavailable_reason(torch.device("cpu")) is not None:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            fk.backend_name("cpu")
+    else:
+        assert fk.backend_name("cpu") == "triton"
