@@ -1,0 +1,73 @@
+"""Realistic shapes on a GPU: 7B-sized layers, 1 to 16384 tokens, bf16, and m*n >= 2**31.
+
+Skipped without CUDA. The Triton kernels are compared with the reference backend (same
+rounding points, materialised noise) and the noise with the reference generator.
+"""
+
+import pytest
+import torch
+
+import flatlora_kernels as fk
+from flatlora_kernels import noise as contract
+from flatlora_kernels.backends import BACKEND_ENV
+
+from .helpers import rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BF16_TWO_ULP = 2.0**-7
+
+
+def _run(backend, monkeypatch, x, weight, bias, lora_A, lora_B, row_std, dy):
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    x = x.detach().requires_grad_()
+    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 2.0, seed=2**63 + 11, row_std=row_std)
+    grads = torch.autograd.grad(y, [x, lora_A, lora_B], dy)
+    return (y, *grads)
+
+
+@pytest.mark.parametrize("n,m", [(4096, 4096), (4096, 11008), (11008, 4096)])
+@pytest.mark.parametrize("tokens", [1, 17, 1024, 16384])
+def test_triton_matches_reference_on_7b_shapes(n, m, tokens, monkeypatch):
+    torch.manual_seed(0)
+    dev = "cuda"
+    weight = (torch.randn(m, n, device=dev) * 0.02).to(torch.bfloat16)
+    lora_A = (torch.randn(8, n, device=dev) / n**0.5).requires_grad_()
+    lora_B = (torch.randn(m, 8, device=dev) * 0.01).requires_grad_()
+    row_std = 0.05 * fk.merged_row_norms(weight, lora_A, lora_B, 2.0) / n**0.5
+    x = torch.randn(tokens, n, device=dev).to(torch.bfloat16)
+    dy = torch.randn(tokens, m, device=dev).to(torch.bfloat16)
+    ours = _run("triton", monkeypatch, x, weight, None, lora_A, lora_B, row_std, dy)
+    ref = _run("reference", monkeypatch, x, weight, None, lora_A, lora_B, row_std, dy)
+    for name, a, b in zip(("y", "grad x", "grad A", "grad B"), ours, ref):
+        tol = BF16_TWO_ULP if a.dtype == torch.bfloat16 else 1e-4
+        assert rel_err(a, b) <= tol, f"{name}: {rel_err(a, b):.3g}"
+
+
+def test_noise_on_gpu_matches_reference_embedding_sized():
+    z = fk.generate_noise(5, 32000, 4096, device="cuda")
+    for rows in (slice(0, 64), slice(15999, 16064), slice(31936, 32000)):
+        expected = contract.reference_noise_block(5, rows.start, rows.stop, 0, 4096, device="cuda")
+        torch.testing.assert_close(z[rows], expected, rtol=0, atol=1e-5)
+
+
+def test_weight_with_more_than_2_31_elements(monkeypatch):
+    """Pointer offsets past 2**31 in both passes: check the last rows against the reference."""
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    m, n, tail = 2**31 // 4096 + 64, 4096, 64
+    weight = torch.empty(m, n, device="cuda", dtype=torch.bfloat16).normal_(std=0.02)
+    lora_A = torch.randn(4, n, device="cuda") / 64
+    lora_B = torch.randn(m, 4, device="cuda") / 64
+    row_std = torch.full((m,), 0.01, device="cuda")
+    x = torch.randn(8, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = fk.flat_lora_linear(x, weight, None, lora_A, lora_B, 1.0, seed=3, row_std=row_std)
+    noise = contract.reference_noise_block(3, m - tail, m, 0, n, device="cuda")
+    w_tail = (weight[-tail:].float() + 0.01 * noise).to(torch.bfloat16).float()
+    expected = x.detach().float() @ w_tail.t() + (x.detach().float() @ lora_A.t()) @ lora_B[-tail:].t()
+    assert rel_err(y[:, -tail:], expected) <= BF16_TWO_ULP
+    dy = torch.zeros(8, m, device="cuda", dtype=torch.bfloat16)
+    dy[torch.arange(8), m - 1 - torch.arange(8, device="cuda")] = 1
+    (gx,) = torch.autograd.grad(y, x, dy)
+    rows = m - 1 - torch.arange(8, device="cuda")
+    expected_gx = w_tail[rows - (m - tail)] + (lora_B[rows] @ lora_A)
+    assert rel_err(gx, expected_gx) <= BF16_TWO_ULP
