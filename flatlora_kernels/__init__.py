@@ -4,13 +4,25 @@ Public API:
 
 * :func:`generate_noise`, :func:`merged_row_norms`, :func:`flat_lora_linear` (functional);
 * :class:`FlatLoraLinear`, a drop-in subclass of PEFT's LoRA ``Linear``;
+* :func:`apply_flat_lora` (returns a :class:`FlatLora` controller), :func:`register_flat_lora`
+  and :class:`FlatLoraCallback` (``transformers.Trainer``) to train with it;
 * :func:`backend_name` tells which implementation runs for a device.
 """
 
 from .backends import backend_name
 from .functional import flat_lora_linear, generate_noise, merged_row_norms
+from .integration import FlatLora, apply_flat_lora, register_flat_lora
 from .layer import FlatLoraLinear
 
 __version__ = "0.1.0"
 
-__all__ = ["FlatLoraLinear", "backend_name", "flat_lora_linear", "generate_noise", "merged_row_norms"]
+__all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraLinear", "apply_flat_lora", "backend_name", "flat_lora_linear",
+           "generate_noise", "merged_row_norms", "register_flat_lora"]
+
+
+def __getattr__(name):
+    if name == "FlatLoraCallback":  # imports transformers, so only on demand
+        from .trainer import FlatLoraCallback
+
+        return FlatLoraCallback
+    raise AttributeError(f"module 'flatlora_kernels' has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 
@@ -85,6 +86,31 @@ def merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
         return get_backend(weight.device).row_norms(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
 
 
+def _seed_to_int64(seed: int) -> int:
+    """Operator schemas carry int64: map [0, 2**64) onto it two's-complement style."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+@torch.library.custom_op("flatlora::perturbed_matmul", mutates_args=())
+def perturbed_matmul_op(
+    a: torch.Tensor, weight: torch.Tensor, transpose_weight: bool, seed: int, row_std: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], lora_left: Optional[torch.Tensor], lora_right: Optional[torch.Tensor],
+    scaling: float, keep: Optional[torch.Tensor], keep_scale: float, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The registered operator behind the layer: one opaque node for ``torch.compile``; it runs the
+    selected backend (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`)."""
+    return get_backend(a.device).perturbed_matmul(
+        a, weight, transpose_weight=transpose_weight, seed=seed % 2**64, row_std=row_std, bias=bias,
+        lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
+        out_dtype=out_dtype)
+
+
+@perturbed_matmul_op.register_fake
+def _perturbed_matmul_fake(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
+                           keep, keep_scale, out_dtype):
+    return a.new_empty((a.shape[0], weight.shape[0] if transpose_weight else weight.shape[1]), dtype=out_dtype)
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -101,7 +127,6 @@ class FlatLoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, seed, row_std, dropout_p,
                 compute_dtype, lora_dtype):
-        backend = get_backend(x.device)
         x_lora = x.to(lora_dtype)
         keep = None
         if dropout_p > 0:
@@ -109,10 +134,8 @@ class FlatLoraLinearFunction(torch.autograd.Function):
             keep = torch.rand(x.shape, device=x.device) >= dropout_p
             x_lora = x_lora * keep * (1.0 / (1.0 - dropout_p))
         lora_hidden = x_lora @ lora_A.to(lora_dtype).t()
-        y = backend.perturbed_matmul(
-            x, weight, transpose_weight=True, seed=seed, row_std=row_std, bias=bias,
-            lora_left=lora_hidden, lora_right=lora_B.t(), scaling=scaling, keep=None, keep_scale=1.0,
-            out_dtype=compute_dtype)
+        y = perturbed_matmul_op(x, weight, True, seed, row_std, bias, lora_hidden, lora_B.t(), scaling,
+                                None, 1.0, compute_dtype)
         ctx.save_for_backward(x, weight, lora_A, lora_B, row_std, keep, lora_hidden)
         ctx.config = (scaling, seed, dropout_p, compute_dtype, lora_dtype, None if bias is None else bias.dtype)
         return y
@@ -127,10 +150,8 @@ class FlatLoraLinearFunction(torch.autograd.Function):
             grad_hidden = grad_lora @ lora_B.to(lora_dtype)  # dL/d(x_lora A^T) / scaling
             grad_x = grad_A = grad_B = grad_bias = None
             if ctx.needs_input_grad[0]:
-                grad_x = get_backend(x.device).perturbed_matmul(
-                    grad_y, weight, transpose_weight=False, seed=seed, row_std=row_std, bias=None,
-                    lora_left=grad_hidden, lora_right=lora_A, scaling=scaling, keep=keep,
-                    keep_scale=keep_scale, out_dtype=compute_dtype).to(x.dtype)
+                grad_x = perturbed_matmul_op(grad_y, weight, False, seed, row_std, None, grad_hidden, lora_A,
+                                             scaling, keep, keep_scale, compute_dtype).to(x.dtype)
             if ctx.needs_input_grad[3]:
                 x_lora = x.to(lora_dtype)
                 if keep is not None:
@@ -192,6 +213,6 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise TypeError(f"autocast dtype {compute_dtype} is not supported")
     x2 = x.reshape(-1, n)
     with torch.autocast(x.device.type, enabled=False):
-        y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, seed, row_std,
+        y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, _seed_to_int64(seed), row_std,
                                          float(dropout_p), compute_dtype, lora_dtype)
     return y.reshape(*x.shape[:-1], m)

@@ -30,6 +30,9 @@ class FlatLoraLinear(LoraLinear):
 
     def __init__(self, base_layer: torch.nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().__init__(base_layer, adapter_name, *args, **kwargs)
+        if type(self.get_base_layer()).__name__ == "Conv1D" and not self.fan_in_fan_out:
+            raise ValueError("a Conv1D base layer stores its weight as (in, out): set fan_in_fan_out=True "
+                             "in the LoraConfig, as plain PEFT expects")
         self._reset_noise_state()
 
     def _reset_noise_state(self) -> None:

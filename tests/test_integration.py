@@ -1,0 +1,248 @@
+"""apply_flat_lora on real model families, and everything a LoRA run must keep working."""
+
+import copy
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+
+import flatlora_kernels as fk
+from flatlora_kernels import FlatLoraLinear, apply_flat_lora, register_flat_lora
+from flatlora_kernels.integration import layer_seed, schedule_factor
+
+from .models import FAMILIES, peft_family
+
+
+def lora_grads(model):
+    """Gradients of the trainable parameters that got one (a pooler unused by the loss gets none)."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def add_noise_in_place(model, ctl):
+    """What the public code does: add c·Z into each frozen weight (the oracle here)."""
+    with torch.no_grad():
+        for name, layer in ctl.layers.items():
+            target = model.get_submodule(name).base_layer.weight
+            m, n = layer.logical_weight().shape
+            eps = layer.noise_row_std[:, None] * fk.generate_noise(layer.noise_seed, m, n)
+            target += eps.t() if layer.fan_in_fan_out else eps
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_flat_lora_model_equals_materialised_perturbation(family):
+    model, loss_fn = peft_family(family)
+    materialised = copy.deepcopy(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ctl = apply_flat_lora(model, sigma=0.2, schedule="constant", seed=5)
+    expected_layers = [n for n, m in materialised.named_modules() if type(m) is LoraLinear]
+    assert list(ctl.layers) == expected_layers and all(type(m) is FlatLoraLinear for m in ctl.layers.values())
+    add_noise_in_place(materialised, ctl)
+    model.train()
+    materialised.train()
+    torch.manual_seed(1)
+    loss = loss_fn(model)
+    loss.backward()
+    torch.manual_seed(1)
+    loss_ref = loss_fn(materialised)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
+    grads, grads_ref = lora_grads(model), lora_grads(materialised)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+    # the noise matters (else this test could not fail) and W never moved
+    ctl.clear()
+    torch.manual_seed(1)
+    assert abs(loss_fn(model).item() - loss.item()) > 1e-4
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_save_pretrained_is_plain_peft_and_merge_has_no_noise(tmp_path):
+    model, loss_fn = peft_family("llama")
+    plain = copy.deepcopy(model)
+    ctl = apply_flat_lora(model, sigma=0.3, schedule="constant")
+    loss_fn(model).backward()  # exercise the noisy path before saving
+    model.save_pretrained(tmp_path / "flat")
+    plain.save_pretrained(tmp_path / "plain")
+    files = sorted(p.name for p in (tmp_path / "flat").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "plain").iterdir())
+    flat_sd = safetensors.torch.load_file(tmp_path / "flat" / "adapter_model.safetensors")
+    plain_sd = safetensors.torch.load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in flat_sd.items()} == {k: v.shape for k, v in plain_sd.items()}
+    assert all(torch.equal(flat_sd[k], plain_sd[k]) for k in flat_sd)
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("flat", "plain")]
+    for config in configs:  # PEFT writes target_modules from a set: its order varies between saves
+        config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]
+
+    # plain PEFT loads it; apply_flat_lora works on the loaded model too
+    base, _ = peft_family("llama")
+    loaded = PeftModel.from_pretrained(base.unload(), tmp_path / "flat", is_trainable=True)
+    ctl2 = apply_flat_lora(loaded, sigma=0.3, schedule="constant")
+    assert len(ctl2.layers) == len(ctl.layers)
+
+    merged = model.merge_and_unload()
+    merged_plain = plain.merge_and_unload()
+    for (n, p), (_, q) in zip(merged.named_parameters(), merged_plain.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_get_peft_model_with_registration_creates_flat_layers():
+    from .models import llama
+
+    torch.manual_seed(0)
+    model, targets, _, loss_fn = llama()
+    config = register_flat_lora(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    peft_model = get_peft_model(model, config)
+    flat = [m for m in peft_model.modules() if isinstance(m, FlatLoraLinear)]
+    assert len(flat) == 14 and not any(type(m) is LoraLinear for m in peft_model.modules())
+    ctl = apply_flat_lora(peft_model, sigma=0.1, schedule="constant")
+    assert len(ctl.layers) == 14
+    loss_fn(peft_model).backward()
+
+
+def test_gpt2_registration_needs_fan_in_fan_out():
+    from .models import gpt2
+
+    model, targets, _, _ = gpt2()
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        get_peft_model(model, register_flat_lora(LoraConfig(r=2, target_modules=targets)))
+
+
+def test_apply_twice_or_without_lora_is_an_error():
+    model, _ = peft_family("vit")
+    apply_flat_lora(model, sigma=0.1, schedule="constant")
+    with pytest.raises(ValueError, match="already called"):
+        apply_flat_lora(model, sigma=0.1, schedule="constant")
+    with pytest.raises(ValueError, match="no PEFT LoRA Linear layers"):
+        apply_flat_lora(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(sigma=-0.1), ValueError, "sigma"),
+    (dict(sigma=float("nan")), ValueError, "sigma"),
+    (dict(schedule="cosine"), ValueError, "total_steps"),
+    (dict(schedule="exp", total_steps=5), ValueError, "schedule"),
+    (dict(total_steps=0), ValueError, "total_steps"),
+    (dict(total_steps=5, resample_every=0), ValueError, "resample_every"),
+    (dict(total_steps=5, seed=-1), ValueError, "seed"),
+    (dict(total_steps=5, per_rank_noise="yes"), TypeError, "per_rank_noise"),
+])
+def test_bad_arguments(kwargs, error, match):
+    model, _ = peft_family("vit")
+    with pytest.raises(error, match=match):
+        apply_flat_lora(model, **kwargs)
+
+
+def test_schedules():
+    assert schedule_factor("cosine", 0, 10) == 0.0
+    assert schedule_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert schedule_factor("cosine", 10, 10) == pytest.approx(1.0)
+    assert schedule_factor("cosine", 15, 10) == pytest.approx(1.0)
+    assert schedule_factor("linear", 3, 12) == pytest.approx(0.25)
+    assert schedule_factor("constant", 3, None) == 1.0
+    assert schedule_factor(lambda t, total: 0.1 * t, 3, None) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="schedule callable"):
+        schedule_factor(lambda t, total: -1.0, 3, None)
+
+
+def test_controller_resamples_and_follows_the_schedule():
+    model, _ = peft_family("vit")
+    ctl = apply_flat_lora(model, sigma=0.1, schedule="cosine", total_steps=8, resample_every=2, seed=3)
+    layer = next(iter(ctl.layers.values()))
+    assert ctl.sigma_t == 0.0 and not layer.noise_active  # cosine starts at zero: plain LoRA
+    seeds, sigmas = [], []
+    for _ in range(8):
+        ctl.step()
+        seeds.append(layer.noise_seed)
+        sigmas.append(ctl.sigma_t)
+    # a new sample (and seed) at steps 2, 4, 6, 8; the same one in between
+    assert [s == seeds[i - 1] for i, s in enumerate(seeds) if i] == [False, True, False, True, False, True, False]
+    assert sigmas == pytest.approx([0.1 * schedule_factor("cosine", 2 * ((i + 1) // 2), 8) for i in range(8)])
+    seeds_per_layer = {layer_seed(3, 1, k, 1) for k in range(len(ctl.layers))}
+    assert len(seeds_per_layer) == len(ctl.layers)
+
+
+def test_two_identical_runs_give_identical_adapters_and_leave_torch_rng_alone():
+    def run():
+        model, loss_fn = peft_family("llama")
+        ctl = apply_flat_lora(model, sigma=0.1, total_steps=4, seed=11)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(4):
+            loss_fn(model).backward()
+            opt.step()
+            opt.zero_grad()
+            ctl.step()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    a = run()
+    model, _ = peft_family("vit")
+    state_before = torch.get_rng_state()
+    ctl = apply_flat_lora(model, sigma=0.1, schedule="constant")
+    ctl.step()
+    assert torch.equal(torch.get_rng_state(), state_before), "Flat-LoRA touched the global torch RNG"
+    b = run()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_window_sees_one_sample():
+    model, loss_fn = peft_family("llama")
+    ctl = apply_flat_lora(model, sigma=0.2, schedule="constant")
+    layer = next(iter(ctl.layers.values()))
+    seen = []
+    layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.noise_seed))
+    for _ in range(3):  # three optimizer steps of four micro-batches
+        for _ in range(4):
+            loss_fn(model).backward()
+        ctl.step()
+    assert [len(set(seen[i:i + 4])) for i in range(0, 12, 4)] == [1, 1, 1]
+    assert len(set(seen)) == 3
+
+
+def test_gradient_checkpointing_regenerates_the_same_noise():
+    grads = []
+    for checkpointing in (False, True):
+        model, loss_fn = peft_family("llama")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        apply_flat_lora(model, sigma=0.3, schedule="constant", seed=4)
+        model.train()
+        loss_fn(model).backward()
+        grads.append(lora_grads(model))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_training_step(dtype):
+    model, loss_fn = peft_family("llama")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    apply_flat_lora(model, sigma=0.1, schedule="constant")
+    with torch.autocast("cpu", dtype=dtype):
+        loss = loss_fn(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() and g.dtype == torch.float32 for g in lora_grads(model).values())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_torch_compile_without_graph_breaks():
+    model, _ = peft_family("vit")
+    apply_flat_lora(model, sigma=0.2, schedule="constant")
+    pixels = torch.randn(2, 3, 24, 24)
+    layer = model.base_model.model.vit.layers[0].attention.q_proj
+    x = torch.randn(3, 5, 48)
+    eager = layer(x)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
+    out = torch.compile(model, backend="aot_eager")(pixel_values=pixels).logits
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, model(pixel_values=pixels).logits, rtol=1e-5, atol=1e-6)
