@@ -1,4 +1,5 @@
-"""Which implementation runs: ``FLATLORA_BACKEND`` forces one, otherwise the fastest for the device.
+"""Which implementation runs: ``FLATLORA_BACKEND`` forces one, otherwise the fastest for the device
+(Triton on CUDA, native C++ on the CPU when built, else the torch reference).
 
 Every backend provides the same three operations with the reference's semantics:
 ``noise(seed, m, n, device)``, ``row_norms(weight, lora_A, lora_B, scaling)`` and
@@ -15,10 +16,11 @@ from typing import Callable
 import torch
 
 from . import reference
+from .native import native_unavailable_reason
 from .noise import reference_noise
 
 BACKEND_ENV = "FLATLORA_BACKEND"
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "native", "reference")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ def _triton_backend() -> Backend:
     return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton)
 
 
+def _native_backend() -> Backend:
+    from .native import generate_noise_native, merged_row_norms_native, perturbed_matmul_native
+
+    return Backend("native", generate_noise_native, merged_row_norms_native, perturbed_matmul_native)
+
+
 _REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, reference.perturbed_matmul)
 
 
@@ -61,15 +69,29 @@ def backend_name(device: torch.device | str) -> str:
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; choose one of {', '.join(BACKENDS)}")
-        if forced == "triton":
-            reason = triton_unavailable_reason(device)
-            if reason is not None:
-                raise RuntimeError(f"{BACKEND_ENV}=triton cannot run on {device}: {reason}")
+        reason = _unavailable_reason(forced, device)
+        if reason is not None:
+            raise RuntimeError(f"{BACKEND_ENV}={forced} cannot run on {device}: {reason}")
         return forced
     if device.type == "cuda" and triton_unavailable_reason(device) is None:
         return "triton"
+    if device.type == "cpu" and native_unavailable_reason(device) is None:
+        return "native"
     return "reference"
 
 
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    if name == "triton":
+        return triton_unavailable_reason(device)
+    if name == "native":
+        return native_unavailable_reason(device)
+    return None
+
+
 def get_backend(device: torch.device | str) -> Backend:
-    return _triton_backend() if backend_name(device) == "triton" else _REFERENCE
+    name = backend_name(device)
+    if name == "triton":
+        return _triton_backend()
+    if name == "native":
+        return _native_backend()
+    return _REFERENCE

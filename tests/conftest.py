@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from flatlora_kernels.backends import BACKEND_ENV, triton_unavailable_reason  # noqa: E402
+from flatlora_kernels.backends import BACKEND_ENV, BACKENDS, _unavailable_reason  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -21,8 +21,8 @@ def backend_cases():
     """Every (device, backend) pair that can run here."""
     cases = []
     for device in DEVICES:
-        for backend in ("triton", "reference"):
-            if backend == "triton" and triton_unavailable_reason(torch.device(device)) is not None:
+        for backend in BACKENDS:
+            if _unavailable_reason(backend, torch.device(device)) is not None:
                 continue
             cases.append(pytest.param((device, backend), id=f"{device}-{backend}"))
     return cases

@@ -76,13 +76,15 @@ def test_tolerances_catch_wrong_noise(device_backend):
     assert rel_err(y, y64_other) > 3 * REL_TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_triton_agrees_with_reference(dtype, monkeypatch):
-    if fk.backends.triton_unavailable_reason(torch.device("cpu")):
-        pytest.skip("needs the Triton interpreter")
+def test_backend_agrees_with_reference(backend, dtype, monkeypatch):
+    reason = fk.backends._unavailable_reason(backend, torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
     inputs = make_inputs("cpu", (3, 7), 61, 29, 5, dtype, torch.float32)
     results = {}
-    for backend in ("triton", "reference"):
+    for backend in (backend, "reference"):
         monkeypatch.setenv(BACKEND_ENV, backend)
         torch.manual_seed(3)
         y = fk.flat_lora_linear(*inputs[:5], 0.6, seed=77, row_std=inputs[5], dropout_p=0.25)
@@ -91,7 +93,8 @@ def test_triton_agrees_with_reference(dtype, monkeypatch):
     # differs. In 16-bit dtypes that is at most ~2 ulp of the output; in fp32 it grows with the
     # K-term sums, so 16 ulp. Measured against each tensor's own scale.
     ulps = {torch.float32: 2.0**-19, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-    for ours, ref in zip(results["triton"], results["reference"]):
+    ours_name = next(k for k in results if k != "reference")
+    for ours, ref in zip(results[ours_name], results["reference"]):
         assert ours.dtype == ref.dtype
         assert rel_err(ours, ref) <= ulps, rel_err(ours, ref)
 

@@ -1,0 +1,168 @@
+"""Native CPU backend: time against plain-torch LoRA, and peak extra memory against its bound.
+
+    python benchmarks/bench_native_cpu.py            # tokens 1024, 1024 -> 1024, r = 8, fp32
+    python benchmarks/bench_native_cpu.py --quick    # smaller, for a smoke run
+
+Time: medians of alternating repetitions of forward+backward (and each alone) of ``flat_lora_linear`` on the
+native backend against the same LoRA linear without noise in plain torch autograd
+(``F.linear(x, W) + s * (x A^T) B^T``), measured in the same run. Memory: the peak resident-set
+growth of one forward+backward, measured by resetting the kernel's high-water mark
+(``/proc/self/clear_refs``) and reading ``VmHWM``, each in a fresh process (so freed heap pages of an earlier
+call cannot hide an allocation), minus what plain LoRA needs for the same call; compared
+with the documented bound (a few ``block_rows(n) x n`` float32 buffers) and with the reference backend,
+which materialises the whole noise matrix. Writes benchmarks/results/native-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import flatlora_kernels as fk
+from flatlora_kernels.native import block_rows
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_growth_mib(fn) -> float:
+    """Peak RSS growth while ``fn`` runs (Linux: reset VmHWM, run, read it)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def paired_ms(fn_a, fn_b, reps: int) -> tuple[float, float, float]:
+    """Medians of ``fn_a`` and ``fn_b`` and of their per-repetition ratio b/a, timed alternately so
+    that drift on a shared machine hits both alike."""
+    fn_a(), fn_b()
+    a, b = [], []
+    for _ in range(reps):
+        for fn, times in ((fn_a, a), (fn_b, b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(a), 1e3 * statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
+
+
+def make(tokens: int, n: int, m: int, r: int):
+    torch.manual_seed(0)
+    x = torch.randn(tokens, n, requires_grad=True)
+    weight = torch.randn(m, n) / n**0.5
+    lora_A = (torch.randn(r, n) / n**0.5).requires_grad_()
+    lora_B = (torch.randn(m, r) * 0.01).requires_grad_()
+    row_std = 0.05 * fk.merged_row_norms(weight, lora_A, lora_B, 2.0) / n**0.5
+    dy = torch.randn(tokens, m)
+    return x, weight, lora_A, lora_B, row_std, dy
+
+
+def plain_lora(x, weight, lora_A, lora_B):
+    return torch.nn.functional.linear(x, weight) + 2.0 * (x @ lora_A.t()) @ lora_B.t()
+
+
+def flat(x, weight, lora_A, lora_B, row_std):
+    return fk.flat_lora_linear(x, weight, None, lora_A, lora_B, 2.0, seed=1, row_std=row_std)
+
+
+def _step(method, x, weight, lora_A, lora_B, row_std, dy):
+    """One forward+backward of ``method`` ("lora", or a Flat-LoRA backend name)."""
+    if method == "lora":
+        y = plain_lora(x, weight, lora_A, lora_B)
+    else:
+        os.environ["FLATLORA_BACKEND"] = method
+        y = flat(x, weight, lora_A, lora_B, row_std)
+    return torch.autograd.grad(y, (x, lora_A, lora_B), dy)
+
+
+def probe_memory(method: str, case: list[int]) -> float:
+    """Peak RSS growth (MiB) of one forward+backward, measured in a fresh process."""
+    # glibc keeps freed chunks below its (self-raising) mmap threshold in the heap, so RSS would count
+    # allocator caching; a fixed 128 KiB threshold makes every large buffer an mmap, returned on free.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    proc = subprocess.run([sys.executable, __file__, "--probe", method, *map(str, case)], capture_output=True,
+                          text=True, check=True, env=env)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(tokens, n, m, r, reps, memory_backends):
+    x, weight, lora_A, lora_B, row_std, dy = make(tokens, n, m, r)
+    params = (x, lora_A, lora_B)
+    lora_fwd = lambda: plain_lora(x, weight, lora_A, lora_B)  # noqa: E731
+    flat_fwd = lambda: flat(x, weight, lora_A, lora_B, row_std)  # noqa: E731
+
+    def both(forward):
+        return lambda: torch.autograd.grad(forward(), params, dy)
+
+    y_lora, y_flat = lora_fwd(), flat_fwd()
+    row = {"tokens": tokens, "in": n, "out": m, "r": r}
+    pairs = {"fwd": (lora_fwd, flat_fwd),
+             "bwd": (lambda: torch.autograd.grad(y_lora, params, dy, retain_graph=True),
+                     lambda: torch.autograd.grad(y_flat, params, dy, retain_graph=True)),
+             "fwdbwd": (both(lora_fwd), both(flat_fwd))}
+    for part, (lora_fn, flat_fn) in pairs.items():
+        row[f"lora_{part}_ms"], row[f"flat_{part}_ms"], row[f"ratio_{part}"] = paired_ms(lora_fn, flat_fn, reps)
+    case = [tokens, n, m, r]
+    base = probe_memory("lora", case)
+    row["block_buffer_mib"] = block_rows(n) * n * 4 / 2**20
+    row["noise_matrix_mib"] = m * n * 4 / 2**20
+    for backend in memory_backends:
+        row[f"peak_extra_mib_{backend}"] = probe_memory(backend, case) - base
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=RESULTS / "native-cpu.json")
+    parser.add_argument("--probe", nargs=5, metavar=("METHOD", "TOKENS", "IN", "OUT", "R"),
+                        help=argparse.SUPPRESS)  # internal: one memory measurement in this process
+    args = parser.parse_args()
+    if args.probe:
+        method, *case = args.probe
+        tensors = make(*map(int, case))
+        print(peak_growth_mib(lambda: _step(method, *tensors)))
+        return
+    if not fk.native_available():
+        raise SystemExit("the native extension is not built: run scripts/install.sh")
+    if args.quick:
+        cases, reps = [(64, 1024, 8192, 8)], 3  # a 32 MiB noise matrix against a 4 MiB block
+    else:
+        cases, reps = [(1024, 1024, 1024, 8), (256, 4096, 11008, 8)], args.reps
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"CPU: {cpu} | torch {torch.__version__} | fp32 | median of {reps}")
+    rows = []
+    for tokens, n, m, r in cases:
+        row = measure(tokens, n, m, r, reps, memory_backends=("native", "reference"))
+        rows.append(row)
+        print(f"tokens {tokens}, {n} -> {m}, r {r}")
+        for part in ("fwd", "bwd", "fwdbwd"):
+            print(f"  {part:>7}: LoRA {row[f'lora_{part}_ms']:8.2f} ms | Flat-LoRA native "
+                  f"{row[f'flat_{part}_ms']:8.2f} ms | x{row[f'ratio_{part}']:.2f} (median of per-rep ratios)")
+        print(f"  peak extra memory over LoRA: native {row['peak_extra_mib_native']:.1f} MiB "
+              f"(block buffer {row['block_buffer_mib']:.1f} MiB), reference {row['peak_extra_mib_reference']:.1f} MiB "
+              f"(noise matrix {row['noise_matrix_mib']:.1f} MiB)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"cpu": cpu, "torch": torch.__version__, "dtype": "float32", "reps": reps,
+                                    "results": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

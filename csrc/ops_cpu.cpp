@@ -1,0 +1,233 @@
+// CPU implementation of the Flat-LoRA ops, same semantics as flatlora_kernels/reference.py.
+//
+// Memory bound: the perturbed weight is built one block of rows at a time: block_rows(n) x n
+// elements with block_rows(n) = max(16, 2^20 / n), so each float32 block buffer holds at most
+// max(4 MiB, 64 n bytes). The block and its noise temporaries (two half-size uniform buffers and
+// the normals) peak at about three such buffers, whatever m is: the op's extra memory is at most
+// 4 * max(4 MiB, 64 n bytes) (measured by benchmarks/bench_native_cpu.py). W itself is only read.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+
+#include "ops.h"
+#include "philox.h"
+
+namespace flatlora {
+namespace {
+
+constexpr int64_t kBlockElements = int64_t{1} << 20;
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "flatlora native CPU op: ", name, " must be a CPU tensor, got ", t.device());
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "flatlora native CPU op: ", name,
+              " must be float32, bfloat16 or float16, got ", dt);
+}
+
+void check_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "flatlora native CPU op: ", name, " must be 2-D, got ", t.dim(), "-D");
+}
+
+constexpr int kLanes = 16;
+
+// Rows [row0, row0 + rows) of Z(seed), float32 (rows, n). Philox runs in C++ (vectorised over
+// lanes, rows in parallel) and writes the uniforms; the Box-Muller transcendentals run as ATen's
+// vectorised float ops, step for step as the contract (and the torch reference) writes them.
+// Philox words -> uniforms for rows [begin, end) of a block; compiled for AVX-512, AVX2 and the
+// baseline, picked at run time, so the lane loop is vectorised wherever the CPU allows.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void fill_uniforms(float* ur, float* ua, int64_t row0, int64_t begin, int64_t end, int64_t quads, uint32_t k0,
+                   uint32_t k1) {
+  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t q0 = 0; q0 < quads; q0 += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        c0[l] = static_cast<uint32_t>(q0 + l);
+        c1[l] = static_cast<uint32_t>(row0 + r);
+        c2[l] = 0u;
+        c3[l] = 0u;
+      }
+      philox4x32_lanes<kLanes>(c0, c1, c2, c3, k0, k1);
+      const int64_t valid = std::min<int64_t>(kLanes, quads - q0);
+      float* dst_r = ur + 2 * (r * quads + q0);
+      float* dst_a = ua + 2 * (r * quads + q0);
+      for (int64_t l = 0; l < valid; ++l) {
+        dst_r[2 * l] = uniform_from_bits(c0[l]);
+        dst_a[2 * l] = uniform_from_bits(c1[l]);
+        dst_r[2 * l + 1] = uniform_from_bits(c2[l]);
+        dst_a[2 * l + 1] = uniform_from_bits(c3[l]);
+      }
+    }
+  }
+}
+
+at::Tensor noise_block(uint64_t seed, int64_t row0, int64_t rows, int64_t n) {
+  const int64_t quads = (n + 3) / 4;
+  // [..., k, 0]: the radius word of pair k, [..., k, 1]: its angle word (pairs (x0, x1), (x2, x3)).
+  auto radius = at::empty({rows, quads, 2}, at::kFloat);
+  auto angle = at::empty({rows, quads, 2}, at::kFloat);
+  float* ur = radius.data_ptr<float>();
+  float* ua = angle.data_ptr<float>();
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    fill_uniforms(ur, ua, row0, begin, end, quads, k0, k1);
+  });
+  radius.log_().mul_(-2.0).sqrt_();
+  angle.mul_(2.0).sub_(1.0).mul_(kPi);
+  // z[..., k, 0] = r cos(theta), z[..., k, 1] = r sin(theta), computed in place in the output.
+  auto z = at::empty({rows, quads, 2, 2}, at::kFloat);
+  auto cos_part = z.select(3, 0), sin_part = z.select(3, 1);
+  at::cos_out(cos_part, angle).mul_(radius);
+  at::sin_out(sin_part, angle).mul_(radius);
+  return z.view({rows, 4 * quads}).narrow(1, 0, n);
+}
+
+at::ScalarType parse_dtype(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  TORCH_CHECK(false, "flatlora native CPU op: unsupported out_dtype '", name, "'");
+}
+
+}  // namespace
+
+int64_t block_rows(int64_t n) { return std::max<int64_t>(16, kBlockElements / std::max<int64_t>(n, 1)); }
+
+at::Tensor philox_words(int64_t seed, const at::Tensor& counters) {
+  check_cpu(counters, "counters");
+  TORCH_CHECK(counters.scalar_type() == at::kLong && counters.dim() == 2 && counters.size(1) == 4,
+              "flatlora native CPU op: counters must be an int64 tensor of shape (N, 4)");
+  auto c = counters.contiguous();
+  auto out = at::empty_like(c);
+  const int64_t* in = c.data_ptr<int64_t>();
+  int64_t* words = out.data_ptr<int64_t>();
+  const uint64_t key = static_cast<uint64_t>(seed);
+  for (int64_t i = 0; i < c.size(0); ++i) {
+    const int64_t* ctr = in + 4 * i;
+    const Words w = philox4x32(static_cast<uint32_t>(ctr[0]), static_cast<uint32_t>(ctr[1]),
+                               static_cast<uint32_t>(ctr[2]), static_cast<uint32_t>(ctr[3]),
+                               static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
+    for (int l = 0; l < 4; ++l) words[4 * i + l] = w.x[l];
+  }
+  return out;
+}
+
+at::Tensor generate_noise_cpu(int64_t seed, int64_t m, int64_t n) {
+  TORCH_CHECK(m >= 0 && n >= 0 && m <= (int64_t{1} << 32) && n <= (int64_t{1} << 34),
+              "flatlora native CPU op: noise shape (", m, ", ", n, ") is outside the contract's index space");
+  auto out = at::empty({m, n}, at::kFloat);
+  const int64_t rows = block_rows(n);
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t len = std::min(rows, m - r0);
+    out.narrow(0, r0, len).copy_(noise_block(static_cast<uint64_t>(seed), r0, len, n));
+  }
+  return out;
+}
+
+at::Tensor merged_row_norms_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                double scaling) {
+  for (auto [t, name] : {std::pair{&weight, "weight"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}}) {
+    check_cpu(*t, name);
+    check_float(*t, name);
+    check_2d(*t, name);
+  }
+  const int64_t m = weight.size(0), n = weight.size(1), r = lora_A.size(0);
+  TORCH_CHECK(lora_A.size(1) == n && lora_B.size(0) == m && lora_B.size(1) == r,
+              "flatlora native CPU op: shapes weight ", weight.sizes(), ", lora_A ", lora_A.sizes(), ", lora_B ",
+              lora_B.sizes(), " do not fit (m, n), (r, n), (m, r)");
+  auto norms = at::empty({m}, at::kFloat);
+  const auto a = lora_A.to(at::kFloat);
+  const int64_t rows = block_rows(n);
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t len = std::min(rows, m - r0);
+    auto merged = weight.narrow(0, r0, len).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    merged.addmm_(lora_B.narrow(0, r0, len).to(at::kFloat), a, /*beta=*/1.0, /*alpha=*/scaling);
+    norms.narrow(0, r0, len).copy_(at::linalg_vector_norm(merged, 2, {1}));
+  }
+  return norms;
+}
+
+at::Tensor perturbed_matmul_cpu(const at::Tensor& a, const at::Tensor& weight, bool transpose_weight, int64_t seed,
+                                const std::optional<at::Tensor>& row_std, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& lora_left,
+                                const std::optional<at::Tensor>& lora_right, double scaling,
+                                const std::optional<at::Tensor>& keep, double keep_scale,
+                                const std::string& out_dtype_name) {
+  const auto out_dtype = parse_dtype(out_dtype_name);
+  check_cpu(a, "a");
+  check_cpu(weight, "weight");
+  check_float(a, "a");
+  check_float(weight, "weight");
+  check_2d(a, "a");
+  check_2d(weight, "weight");
+  const int64_t m = weight.size(0), n = weight.size(1), M = a.size(0);
+  const int64_t K = transpose_weight ? n : m, N = transpose_weight ? m : n;
+  TORCH_CHECK(a.size(1) == K, "flatlora native CPU op: a has ", a.size(1), " columns, expected ", K,
+              " for a weight of shape ", weight.sizes(), transpose_weight ? " (forward)" : " (backward)");
+  if (row_std) {
+    check_cpu(*row_std, "row_std");
+    TORCH_CHECK(row_std->scalar_type() == at::kFloat && row_std->dim() == 1 && row_std->size(0) == m,
+                "flatlora native CPU op: row_std must be float32 of shape (", m, "), got ", row_std->scalar_type(),
+                " ", row_std->sizes());
+  }
+  if (bias) {
+    check_cpu(*bias, "bias");
+    check_float(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "flatlora native CPU op: bias must have shape (", N,
+                "), got ", bias->sizes());
+  }
+  TORCH_CHECK(lora_left.has_value() == lora_right.has_value(),
+              "flatlora native CPU op: lora_left and lora_right come together");
+  if (lora_left) {
+    check_cpu(*lora_left, "lora_left");
+    check_cpu(*lora_right, "lora_right");
+    check_2d(*lora_left, "lora_left");
+    check_2d(*lora_right, "lora_right");
+    TORCH_CHECK(lora_left->size(0) == M && lora_right->size(1) == N && lora_left->size(1) == lora_right->size(0),
+                "flatlora native CPU op: LoRA factors ", lora_left->sizes(), " x ", lora_right->sizes(),
+                " do not give a (", M, ", ", N, ") term");
+  }
+  if (keep) {
+    check_cpu(*keep, "keep");
+    TORCH_CHECK(keep->scalar_type() == at::kBool && keep->sizes() == at::IntArrayRef({M, N}),
+                "flatlora native CPU op: keep must be a bool mask of shape (", M, ", ", N, ")");
+    TORCH_CHECK(lora_left.has_value(), "flatlora native CPU op: keep applies to the LoRA term, which is missing");
+  }
+
+  // a rounded to the compute dtype, then multiplied in float32, as the reference does.
+  const auto a_f = a.to(out_dtype).to(at::kFloat);
+  auto out = at::zeros({M, N}, at::kFloat);
+  const int64_t rows = block_rows(n);
+  for (int64_t r0 = 0; r0 < m && M > 0; r0 += rows) {
+    const int64_t len = std::min(rows, m - r0);
+    auto block = weight.narrow(0, r0, len).to(at::kFloat, false, /*copy=*/true);
+    if (row_std) {
+      block.addcmul_(noise_block(static_cast<uint64_t>(seed), r0, len, n), row_std->narrow(0, r0, len).unsqueeze(1));
+    }
+    if (out_dtype != at::kFloat) block = block.to(out_dtype).to(at::kFloat);
+    if (transpose_weight && len == m) {
+      at::mm_out(out, a_f, block.t());  // one block: straight into the output
+    } else if (transpose_weight) {
+      out.narrow(1, r0, len).copy_(at::mm(a_f, block.t()));
+    } else {
+      out.addmm_(a_f.narrow(1, r0, len), block);
+    }
+  }
+  if (lora_left && !keep) {
+    out.addmm_(lora_left->to(at::kFloat), lora_right->to(at::kFloat), /*beta=*/1.0, /*alpha=*/scaling);
+  } else if (lora_left) {
+    auto lora = at::mm(lora_left->to(at::kFloat), lora_right->to(at::kFloat));
+    out.add_(lora.mul_(keep->to(at::kFloat)), scaling * keep_scale);
+  }
+  if (bias) out.add_(bias->to(at::kFloat));
+  return out.to(out_dtype);
+}
+
+}  // namespace flatlora

@@ -1,0 +1,73 @@
+"""The native backend: C++ ops for CPU tensors (and CUDA noise), from ``flatlora_kernels._C``.
+
+Built by ``setup.py`` from ``csrc/``. :func:`native_available` says whether this install has it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .noise import split_seed
+
+try:
+    from . import _C
+except ImportError as exc:  # built without it (FLATLORA_NO_NATIVE=1) or the build is missing
+    _C = None
+    _IMPORT_ERROR: str | None = str(exc)
+else:
+    _IMPORT_ERROR = None
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def native_available() -> bool:
+    """True when the compiled native ops (``flatlora_kernels._C``) can be imported."""
+    return _C is not None
+
+
+def native_cuda_available() -> bool:
+    """True when the native extension was built with its CUDA noise op."""
+    return _C is not None and bool(_C.with_cuda)
+
+
+def native_unavailable_reason(device: torch.device) -> str | None:
+    """Why the native backend cannot run on ``device``, or None when it can."""
+    if _C is None:
+        return f"the native extension is not built ({_IMPORT_ERROR}); reinstall with scripts/install.sh"
+    if device.type != "cpu":
+        return f"the native fused ops run on CPU tensors only, not {device.type}"
+    return None
+
+
+def _seed64(seed: int) -> int:
+    lo, hi = split_seed(seed)
+    value = lo | hi << 32
+    return value - 2**64 if value >= 2**63 else value  # C++ takes the 64 bits as int64_t
+
+
+def generate_noise_native(seed: int, m: int, n: int, device) -> torch.Tensor:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not native_cuda_available():
+            raise RuntimeError("the native extension was built without CUDA; use the triton backend on GPUs")
+        return _C.generate_noise_cuda(_seed64(seed), m, n, device.index if device.index is not None
+                                      else torch.cuda.current_device())
+    return _C.generate_noise_cpu(_seed64(seed), m, n).to(device)
+
+
+def merged_row_norms_native(weight, lora_A, lora_B, scaling, *, out=None) -> torch.Tensor:
+    norms = _C.merged_row_norms_cpu(weight, lora_A, lora_B, float(scaling))
+    return norms if out is None else out.copy_(norms)
+
+
+def perturbed_matmul_native(a, weight, *, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
+                            keep, keep_scale, out_dtype, out=None) -> torch.Tensor:
+    """Semantics of :func:`flatlora_kernels.reference.perturbed_matmul`, in C++ on bounded blocks."""
+    result = _C.perturbed_matmul_cpu(a, weight, transpose_weight, _seed64(seed), row_std, bias, lora_left,
+                                     lora_right, float(scaling), keep, float(keep_scale), _DTYPE_NAMES[out_dtype])
+    return result if out is None else out.copy_(result)
+
+
+def block_rows(in_features: int) -> int:
+    """Rows of the perturbed weight the native ops hold at once for a layer this wide."""
+    return _C.block_rows(in_features)
