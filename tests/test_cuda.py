@@ -71,3 +71,20 @@ def test_weight_with_more_than_2_31_elements(monkeypatch):
     rows = m - 1 - torch.arange(8, device="cuda")
     expected_gx = w_tail[rows - (m - tail)] + (lora_B[rows] @ lora_A)
     assert rel_err(gx, expected_gx) <= BF16_TWO_ULP
+
+
+def test_native_cuda_noise_equals_what_the_triton_forward_regenerates(monkeypatch):
+    """Two codes written apart: the CUDA op from csrc/philox.h, and the noise the fused Triton forward
+    adds in registers, read back through the kernel with one-hot tokens (B = 0, c = 1)."""
+    from flatlora_kernels.native import generate_noise_native, native_cuda_available
+
+    if not native_cuda_available():
+        pytest.skip("the native extension was built without CUDA")
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    m, n, seed = 300, 1030, 2**64 - 7
+    weight = torch.randn(m, n, device="cuda")
+    eye = torch.eye(n, device="cuda")
+    y = fk.flat_lora_linear(eye, weight, None, torch.zeros(2, n, device="cuda"), torch.zeros(m, 2, device="cuda"),
+                            1.0, seed=seed, row_std=torch.ones(m, device="cuda"))
+    recovered = y.t() - weight
+    torch.testing.assert_close(generate_noise_native(seed, m, n, "cuda"), recovered, rtol=0, atol=2e-5)
