@@ -1,5 +1,6 @@
 """A real two-process DDP run (gloo on the CPU; NCCL when CUDA is present)."""
 
+import datetime
 import os
 
 import pytest
@@ -13,12 +14,14 @@ from .models import VOCAB, peft_family
 
 WORLD = 2
 STEPS = 3
+DEADLINE_S = 240  # the whole run; a hung collective fails the test instead of stalling the suite
 
 
 def _worker(rank, init_file, per_rank_noise, out_dir):
     use_cuda = torch.cuda.device_count() >= WORLD
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over loopback only, never the host's other interfaces
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     model, _ = peft_family("llama")  # identical initial weights on every rank
     model.to(device)
@@ -41,7 +44,14 @@ def _worker(rank, init_file, per_rank_noise, out_dir):
 
 @pytest.mark.parametrize("per_rank_noise", [True, False])
 def test_ddp_two_processes(tmp_path, per_rank_noise):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), per_rank_noise, str(tmp_path)), nprocs=WORLD, join=True)
+    ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), per_rank_noise, str(tmp_path)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
+    while not ctx.join(timeout=2):
+        if datetime.datetime.now() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the two-process DDP run did not finish within {DEADLINE_S} s")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     a, b = (r["adapters"] for r in results)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "adapters differ across ranks"
