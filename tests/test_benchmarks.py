@@ -37,3 +37,22 @@ def test_native_cpu_benchmark_and_memory_bound(tmp_path):
     assert row["noise_matrix_mib"] >= 8 * row["block_buffer_mib"]
     assert row["peak_extra_mib_native"] <= 4 * row["block_buffer_mib"] + 1.0, row
     assert row["peak_extra_mib_reference"] >= row["noise_matrix_mib"], row
+
+
+def test_table7_tiny_preset(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table7.py"), "--preset", "tiny", "--steps", "2",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "table7-tiny-cpu.json").read_text())
+    assert [r["grad_accum"] for r in results] == [16, 1]
+    for res in results:
+        assert {"device", "torch", "triton", "preset", "grad_accum", "methods"} <= res.keys()
+        methods = res["methods"]
+        assert set(methods) == {"lora", "public_flat_lora", "flat_lora"}
+        for m in methods.values():
+            assert {"peak_memory_gb", "step_time_s", "changed_fraction", "relative_drift"} <= m.keys()
+        # the point of the product: the public procedure moves frozen bf16 weights, ours never does
+        assert methods["flat_lora"]["changed_fraction"] == 0 and methods["flat_lora"]["relative_drift"] == 0
+        assert methods["lora"]["changed_fraction"] == 0
+        assert methods["public_flat_lora"]["changed_fraction"] > 0
+    assert (tmp_path / "table7-tiny-cpu.md").exists() and (tmp_path / "table7-tiny-cpu.png").exists()

@@ -1,0 +1,245 @@
+"""The paper's Table 7 setting: memory, time and weight drift of LoRA, public Flat-LoRA and ours.
+
+    python benchmarks/table7.py                    # GPU: Llama-2-7B shapes (needs >= 40 GB), accumulation 16 and 1
+    python benchmarks/table7.py --preset 1b        # smaller Llama shapes for smaller GPUs
+    python benchmarks/table7.py --preset tiny      # CPU smoke run (what CI runs)
+
+A Llama-shaped model with random weights (no download), bf16 backbone, fp32 LoRA r = 8, alpha = 16 on
+q, k, v, o, gate, up, down; micro-batch 2 of 512 tokens; AdamW. Three methods, measured in one run:
+
+1. ``lora``: plain PEFT LoRA;
+2. ``public_flat_lora``: the public code's procedure, re-implemented here: at the start of each
+   accumulation window every LoRA layer forms ``W + s·BA`` in memory for its row norms, the global RNG is
+   seeded from wall-clock digits, an m×n ``torch.normal`` draw is added into ``W`` in place, and after the
+   window's last backward the RNG is re-seeded, the same draw made again and subtracted;
+3. ``flat_lora``: ours (``apply_flat_lora``): noise regenerated in the matmuls, ``W`` never written.
+
+For each: peak memory (max allocated and reserved on a GPU, peak RSS growth on the CPU), median time per
+optimizer step after warm-up, ratios against LoRA from the same run, and after the run the fraction of
+frozen target-weight elements that changed and ``||W - W0|| / ||W0||``. Writes
+benchmarks/results/table7-<preset>-<device>.json (one object per accumulation setting, in a list), a
+Markdown table and a PNG chart. On the CPU the memory figures are allocator noise: the tiny preset is a
+smoke test of the script, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+
+import flatlora_kernels as fk
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRESETS = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               vocab_size=32000, seq=512, steps=12, warmup=3),
+    "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
+               vocab_size=32000, seq=512, steps=12, warmup=3),
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=256, seq=32, steps=4, warmup=1),
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("lora", "public_flat_lora", "flat_lora")
+SIGMA = 0.05
+
+
+def device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def build_model(preset: dict, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=preset["hidden_size"], intermediate_size=preset["intermediate_size"],
+                         num_hidden_layers=preset["num_hidden_layers"], num_attention_heads=preset["num_attention_heads"],
+                         num_key_value_heads=preset["num_attention_heads"], vocab_size=preset["vocab_size"],
+                         max_position_embeddings=max(preset["seq"], 64))
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise where it will run: cheap even at 7B on a GPU
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    for name, p in model.named_parameters():  # fp32 LoRA on a bf16 backbone, as the public config
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+class PublicFlatLora:
+    """The public code's procedure (see the module docstring), as faithfully as we can state it."""
+
+    def __init__(self, model, total_steps: int):
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        self.total_steps = total_steps
+        self.step_count = 0
+        self.seed = None
+
+    @torch.no_grad()
+    def _noise(self, layer, sigma_t: float) -> torch.Tensor:
+        w = layer.base_layer.weight
+        merged = w.float() + layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+        std = (sigma_t * merged.norm(dim=1, keepdim=True) / math.sqrt(w.shape[1])).to(w.dtype)
+        return torch.normal(0.0, std.repeat(1, w.shape[1]))
+
+    @torch.no_grad()
+    def begin_window(self) -> None:
+        sigma_t = SIGMA * 0.5 * (1 - math.cos(math.pi * self.step_count / self.total_steps))
+        self.sigma_t = sigma_t
+        self.seed = int(str(time.time()).replace(".", "")[-8:])  # wall-clock digits, as the public code
+        torch.manual_seed(self.seed)
+        for layer in self.layers:
+            layer.base_layer.weight.add_(self._noise(layer, sigma_t))
+
+    @torch.no_grad()
+    def end_window(self) -> None:
+        torch.manual_seed(self.seed)
+        for layer in self.layers:
+            layer.base_layer.weight.sub_(self._noise(layer, self.sigma_t))
+        self.step_count += 1
+
+
+def _peak_rss_reset() -> int:
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def run_method(method: str, preset: dict, grad_accum: int, device: torch.device) -> dict:
+    model = build_model(preset, device)
+    model.train()
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad and "layers" in n and "weight" in n}
+    snapshot = {n: p.detach().to("cpu", copy=True) for n, p in frozen.items()}
+    steps, warmup = preset["steps"], preset["warmup"]
+    ours = fk.apply_flat_lora(model, sigma=SIGMA, total_steps=steps) if method == "flat_lora" else None
+    public = PublicFlatLora(model, steps) if method == "public_flat_lora" else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    data = torch.Generator().manual_seed(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        rss0 = _peak_rss_reset()
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        if public:
+            public.begin_window()
+        for _ in range(grad_accum):
+            ids = torch.randint(0, preset["vocab_size"], (2, preset["seq"]), generator=data).to(device)
+            (model(input_ids=ids, labels=ids).loss / grad_accum).backward()
+        if public:
+            public.end_window()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ours:
+            ours.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 1e9
+        reserved = torch.cuda.max_memory_reserved(device) / 1e9
+    else:
+        peak = (_status_kib("VmHWM") - rss0) / 1e6
+        reserved = float("nan")
+    changed = total = 0
+    diff_sq = base_sq = 0.0
+    for name, p in frozen.items():
+        now, before = p.detach().cpu(), snapshot[name]
+        changed += int((now != before).sum())
+        total += now.numel()
+        diff_sq += float((now.double() - before.double()).square().sum())
+        base_sq += float(before.double().square().sum())
+    return {"peak_memory_gb": peak, "peak_reserved_gb": reserved, "step_time_s": statistics.median(times),
+            "changed_fraction": changed / total, "relative_drift": math.sqrt(diff_sq / base_sq)}
+
+
+def write_outputs(results: list[dict], out_dir: Path, stem: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    lines = []
+    for res in results:
+        lora = res["methods"]["lora"]
+        lines += [f"### {res['preset']} on {res['device']}, gradient accumulation {res['grad_accum']}", "",
+                  "| method | peak GB (alloc) | step s | x LoRA time | +GB vs LoRA | changed W elements | rel. drift |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in res["methods"].items():
+            lines.append(f"| {name} | {r['peak_memory_gb']:.3f} | {r['step_time_s']:.3f} | "
+                         f"{r['step_time_s'] / lora['step_time_s']:.3f} | {r['peak_memory_gb'] - lora['peak_memory_gb']:+.3f} | "
+                         f"{r['changed_fraction']:.2e} | {r['relative_drift']:.2e} |")
+        lines.append("")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / len(results)
+    for k, res in enumerate(results):
+        xs = [i + k * width for i in range(len(METHODS))]
+        axes[0].bar(xs, [res["methods"][m]["step_time_s"] for m in METHODS], width, label=f"accum {res['grad_accum']}")
+        axes[1].bar(xs, [res["methods"][m]["peak_memory_gb"] for m in METHODS], width, label=f"accum {res['grad_accum']}")
+    for ax, title in zip(axes, ("median step time (s)", "peak memory (GB)")):
+        ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(METHODS))], METHODS)
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"Table 7 setting, {results[0]['preset']} preset, {results[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="7b on a GPU with >= 40 GB, tiny on the CPU")
+    parser.add_argument("--grad-accum", type=int, nargs="+", default=[16, 1])
+    parser.add_argument("--steps", type=int, help="optimizer steps per method (default: the preset's)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON, table and chart go")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.preset is None:
+        big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 40e9
+        args.preset = "7b" if big else ("1b" if device.type == "cuda" else "tiny")
+    preset = dict(PRESETS[args.preset])
+    if args.steps:
+        preset["steps"], preset["warmup"] = args.steps, min(preset["warmup"], args.steps - 1)
+    import triton
+
+    label = device_label(device)
+    results = []
+    for grad_accum in args.grad_accum:
+        res = {"device": label, "torch": torch.__version__, "triton": triton.__version__, "preset": args.preset,
+               "grad_accum": grad_accum, "backend": fk.backend_name(device), "methods": {}}
+        for method in METHODS:
+            res["methods"][method] = run_method(method, preset, grad_accum, device)
+            r = res["methods"][method]
+            print(f"[{args.preset} ga={grad_accum}] {method:>16}: step {r['step_time_s']:.3f} s, peak "
+                  f"{r['peak_memory_gb']:.3f} GB, changed {r['changed_fraction']:.2e}, drift {r['relative_drift']:.2e}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(res)
+    stem = f"table7-{args.preset}-{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-').lower()}"
+    write_outputs(results, args.out_dir, stem)
+    print((args.out_dir / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
