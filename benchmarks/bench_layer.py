@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -23,19 +22,12 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
+from common import RESULTS, device_label, slug
 
 PRESETS = {
     "7b": dict(shapes=[(4096, 4096), (4096, 11008), (11008, 4096)], tokens=[256, 1024, 4096, 16384]),
     "tiny": dict(shapes=[(96, 80), (80, 160)], tokens=[16, 64]),
 }
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
 
 def median_ms(fn, device: torch.device, reps: int) -> float:
     if device.type == "cuda":
@@ -118,7 +110,7 @@ def main() -> None:
                 print(f"{n:>6} {m:>6} {tokens:>6} {method:>13} {row['fwd_ms']:9.3f} {row['bwd_ms']:9.3f} "
                       f"{row['fwdbwd_ms']:9.3f} {row['ratio_to_lora']:7.2f}")
     label = device_label(device)
-    out = args.out or RESULTS / f"layer-{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-').lower()}.json"
+    out = args.out or RESULTS / f"layer-{slug(label)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": label, "torch": torch.__version__, "backend": fk.backend_name(device)}
     out.write_text(json.dumps([{**meta, **row} for row in rows], indent=1))

@@ -28,24 +28,15 @@ from pathlib import Path
 import torch
 
 import flatlora_kernels as fk
+from common import RESULTS, reset_peak_rss, status_kib
 from flatlora_kernels.native import block_rows
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_growth_mib(fn) -> float:
     """Peak RSS growth while ``fn`` runs (Linux: reset VmHWM, run, read it)."""
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kib("VmRSS")
+    before = reset_peak_rss()
     fn()
-    return (_status_kib("VmHWM") - before) / 1024
+    return (status_kib("VmHWM") - before) / 1024
 
 
 def paired_ms(fn_a, fn_b, reps: int) -> tuple[float, float, float]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
+from common import RESULTS, reset_peak_rss, slug, status_kib
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRESETS = {
@@ -47,13 +47,8 @@ PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                  vocab_size=256, seq=32, steps=4, warmup=1),
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("lora", "public_flat_lora", "flat_lora")
 SIGMA = 0.05
-
-
-def device_label(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def build_model(preset: dict, device: torch.device):
@@ -106,18 +101,6 @@ class PublicFlatLora:
         self.step_count += 1
 
 
-def _peak_rss_reset() -> int:
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def run_method(method: str, preset: dict, grad_accum: int, device: torch.device) -> dict:
     model = build_model(preset, device)
     model.train()
@@ -132,7 +115,7 @@ def run_method(method: str, preset: dict, grad_accum: int, device: torch.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        rss0 = _peak_rss_reset()
+        rss0 = reset_peak_rss()
     times = []
     for step in range(steps):
         start = time.perf_counter()
@@ -155,7 +138,7 @@ def run_method(method: str, preset: dict, grad_accum: int, device: torch.device)
         peak = torch.cuda.max_memory_allocated(device) / 1e9
         reserved = torch.cuda.max_memory_reserved(device) / 1e9
     else:
-        peak = (_status_kib("VmHWM") - rss0) / 1e6
+        peak = (status_kib("VmHWM") - rss0) / 1e6
         reserved = float("nan")
     changed = total = 0
     diff_sq = base_sq = 0.0
@@ -223,7 +206,7 @@ def main() -> None:
         preset["steps"], preset["warmup"] = args.steps, min(preset["warmup"], args.steps - 1)
     import triton
 
-    label = device_label(device)
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = []
     for grad_accum in args.grad_accum:
         res = {"device": label, "torch": torch.__version__, "triton": triton.__version__, "preset": args.preset,
@@ -236,7 +219,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         results.append(res)
-    stem = f"table7-{args.preset}-{re.sub(r'[^A-Za-z0-9]+', '-', label).strip('-').lower()}"
+    stem = f"table7-{args.preset}-{slug(label)}"
     write_outputs(results, args.out_dir, stem)
     print((args.out_dir / f"{stem}.md").read_text())
 
