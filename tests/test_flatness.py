@@ -1,0 +1,228 @@
+"""The flatness toolkit against exact Hessians and materialised directions."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from flatlora_kernels import flatness
+
+torch.set_default_dtype(torch.float32)
+
+
+def tiny_mlp(n=6, hidden=5, out=3, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(n, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, out))
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    x, y = torch.randn(16, n), torch.randn(16, out)
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    return model, batches
+
+
+def mse(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def exact_hessian_eigenvalues(model, batches):
+    """eigvalsh of the Hessian of the mean loss w.r.t. the concatenated merged weights."""
+    targets = flatness.merged_targets(model)
+    merged = [t.merged() for t in targets]
+    sizes = [m.numel() for m in merged]
+
+    def loss_of(flat):
+        pieces = torch.split(flat, sizes)
+        weights = [p.view_as(m) for p, m in zip(pieces, merged)]
+
+        def make(i, target):
+            bias = target.parts()[1]
+            return lambda x, *a, **k: F.linear(x, weights[i], bias)
+        with flatness._patched(targets, make):
+            return sum(mse(model, b) for b in batches) / len(batches)
+
+    flat = torch.cat([m.flatten() for m in merged]).requires_grad_()
+    hessian = torch.autograd.functional.hessian(loss_of, flat)
+    return torch.linalg.eigvalsh(hessian.double()).flip(0)
+
+
+def quadratic_model(seed=1):
+    """A linear layer under MSE: the loss is an exact quadratic in the merged weights."""
+    torch.manual_seed(seed)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(7, 1, bias=False)),
+                           LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    x = torch.randn(20, 7) * torch.linspace(0.2, 2.0, 7)  # distinct curvatures
+    return model, [(x, torch.randn(20, 1))]
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+@pytest.mark.parametrize("make", [quadratic_model, tiny_mlp], ids=["quadratic", "tiny-network"])
+def test_top_eigenvalues_match_eigvalsh(method, make):
+    model, batches = make()
+    exact = exact_hessian_eigenvalues(model, batches)
+    # power: relative change of the Rayleigh quotient; lanczos: Ritz residual bound, limited by fp32 HVPs
+    tol = 1e-7 if method == "power" else 1e-3
+    result = flatness.top_eigenvalues(model, mse, batches, k=3, method=method, max_iter=300, tol=tol,
+                                      progress=False)
+    assert result.dimension == exact.numel()
+    torch.testing.assert_close(torch.tensor(result.eigenvalues, dtype=torch.float64), exact[:3], rtol=2e-3, atol=1e-5)
+    assert all(result.converged)
+
+
+def test_spectral_density_integrates_to_one_and_matches_moments():
+    model, batches = tiny_mlp()
+    exact = exact_hessian_eigenvalues(model, batches)
+    d = exact.numel()
+    result = flatness.spectral_density(model, mse, batches, num_probes=64, lanczos_steps=d, seed=3, progress=False)
+    grid, density = torch.tensor(result.grid), torch.tensor(result.density)
+    assert abs(torch.trapezoid(density, grid).item() - 1.0) < 1e-3
+    assert all(abs(sum(w) - 1.0) < 1e-6 for w in result.weights)
+    for power in (1, 2):
+        estimate = sum(sum(w * x**power for w, x in zip(ws, xs))
+                       for ws, xs in zip(result.weights, result.nodes)) / result.num_probes
+        true = (exact**power).mean().item()
+        # Hutchinson with 64 Rademacher probes: a few standard errors of the trace estimate
+        assert abs(estimate - true) <= 0.15 * abs(true) + 1e-6, (power, estimate, true)
+
+
+def test_surface_at_zero_is_the_plain_loss_and_equals_materialised_directions():
+    model, batches = tiny_mlp()
+    model.eval()
+    with torch.no_grad():
+        plain = sum(mse(model, b) for b in batches).item() / len(batches)
+    surface = flatness.loss_surface(model, mse, batches, seeds=[11], alphas=[-0.5, 0.0, 0.3], progress=False)
+    assert surface.base_loss == pytest.approx(plain, rel=1e-6)
+    assert surface.losses[1][0] == pytest.approx(plain, rel=1e-6)
+    directions = flatness.materialised_direction(model, 11)
+    targets = flatness.merged_targets(model)
+    for alpha, (loss,) in zip(surface.alphas, surface.losses):
+        weights = [t.merged() + alpha * d for t, d in zip(targets, directions)]
+        with torch.no_grad(), flatness._patched(targets, lambda i, t: (lambda x, *a, **k: F.linear(x, weights[i], t.parts()[1]))):
+            expected = sum(mse(model, b) for b in batches).item() / len(batches)
+        assert loss == pytest.approx(expected, rel=1e-5)
+    assert surface.losses[0][0] != pytest.approx(plain, rel=1e-3)  # the direction does move the loss
+
+
+def test_two_dimensional_surface_equals_materialised():
+    model, batches = tiny_mlp()
+    surface = flatness.loss_surface(model, mse, batches, seeds=[1, 2], alphas=[0.2], betas=[-0.4, 0.0],
+                                    progress=False)
+    d1, d2 = flatness.materialised_direction(model, 1), flatness.materialised_direction(model, 2)
+    targets = flatness.merged_targets(model)
+    model.eval()
+    for beta, loss in zip(surface.betas, surface.losses[0]):
+        weights = [t.merged() + 0.2 * a + beta * b for t, a, b in zip(targets, d1, d2)]
+        with torch.no_grad(), flatness._patched(targets, lambda i, t: (lambda x, *a, **k: F.linear(x, weights[i], t.parts()[1]))):
+            expected = sum(mse(model, b) for b in batches).item() / len(batches)
+        assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_epsilon_sharpness_is_nonnegative_and_grows():
+    model, batches = tiny_mlp()
+    values = [flatness.epsilon_sharpness(model, mse, batches, eps, steps=5, progress=False) for eps in (1e-3, 1e-2, 5e-2)]
+    assert all(v.increase >= 0 for v in values)
+    assert values[0].increase < values[1].increase < values[2].increase
+    assert values[2].keskar == pytest.approx(100 * values[2].increase / (1 + values[2].base_loss))
+
+
+def test_noisy_loss_at_zero_sigma_is_the_plain_loss():
+    model, batches = tiny_mlp()
+    result = flatness.noisy_loss(model, mse, batches, sigmas=[0.0, 0.5], num_samples=3, progress=False)
+    assert result.mean[0] == pytest.approx(result.base_loss, rel=1e-6) and result.std[0] == 0.0
+    assert result.mean[1] != pytest.approx(result.base_loss, rel=1e-3)
+
+
+def test_deterministic_for_a_seed():
+    model, batches = tiny_mlp()
+    a = flatness.top_eigenvalues(model, mse, batches, k=1, max_iter=5, seed=4, progress=False)
+    b = flatness.top_eigenvalues(model, mse, batches, k=1, max_iter=5, seed=4, progress=False)
+    assert a == b
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda m, b: flatness.top_eigenvalues(m, mse, b, k=0), ValueError, "k must be"),
+    (lambda m, b: flatness.top_eigenvalues(m, mse, b, max_iter=0), ValueError, "max_iter"),
+    (lambda m, b: flatness.top_eigenvalues(m, mse, b, method="qr"), ValueError, "method"),
+    (lambda m, b: flatness.epsilon_sharpness(m, mse, b, -0.1), ValueError, "epsilon"),
+    (lambda m, b: flatness.epsilon_sharpness(m, mse, b, 0.1, steps=0), ValueError, "steps"),
+    (lambda m, b: flatness.spectral_density(m, mse, b, num_probes=0), ValueError, "num_probes"),
+    (lambda m, b: flatness.loss_surface(m, mse, b, seeds=[1, 2], alphas=[0.1]), ValueError, "seeds"),
+    (lambda m, b: flatness.noisy_loss(m, mse, b, sigmas=[-1.0]), ValueError, "sigmas"),
+    (lambda m, b: flatness.top_eigenvalues(m, mse, []), ValueError, "batches is empty"),
+    (lambda m, b: flatness.top_eigenvalues(torch.nn.Sequential(torch.nn.Linear(6, 3)), mse, b), ValueError,
+     "no LoRA linear layers"),
+    (lambda m, b: flatness.top_eigenvalues(m, lambda model, batch: model(batch[0]), b), TypeError, "scalar"),
+])
+def test_bad_arguments(call, error, match):
+    model, batches = tiny_mlp()
+    with pytest.raises(error, match=match):
+        call(model, batches)
+
+
+def test_loss_plane_corners_are_the_three_models():
+    model, batches = tiny_mlp()
+    trained = flatness.lora_point(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-2.0)
+    other = flatness.lora_point(model)
+    plane = flatness.loss_plane(model, mse, batches, [None, trained, other], alphas=[0.0, 1.0], betas=[0.0, 1.0],
+                                progress=False)
+    model.eval()
+    with torch.no_grad():
+        loss_other = sum(mse(model, b) for b in batches).item() / len(batches)
+        with model.disable_adapter():
+            loss_base = sum(mse(model, b) for b in batches).item() / len(batches)
+    assert plane.corner_losses[0] == pytest.approx(loss_base, rel=1e-5)
+    assert plane.corner_losses[2] == pytest.approx(loss_other, rel=1e-5)
+    assert plane.losses[0][0] == pytest.approx(loss_base, rel=1e-5)
+    assert plane.losses[1][0] == pytest.approx(plane.corner_losses[1], rel=1e-5)
+    with pytest.raises(ValueError, match="three points"):
+        flatness.loss_plane(model, mse, batches, [None, trained], [0.0], [0.0])
+
+
+def test_plots_are_written(tmp_path):
+    model, batches = tiny_mlp()
+    s1 = flatness.loss_surface(model, mse, batches, seeds=[1], alphas=[-0.2, 0.0, 0.2], progress=False)
+    s2 = flatness.loss_surface(model, mse, batches, seeds=[1, 2], alphas=[-0.2, 0.2], betas=[-0.2, 0.2],
+                               progress=False)
+    dens = flatness.spectral_density(model, mse, batches, num_probes=2, lanczos_steps=5, progress=False)
+    flatness.plot_surfaces_1d({"lora": s1}, tmp_path / "s1.png")
+    flatness.plot_surface_2d(s2, tmp_path / "s2.pdf")
+    flatness.plot_densities({"lora": dens}, tmp_path / "d.png")
+    for name in ("s1.png", "s2.pdf", "d.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_command_line_on_saved_adapters(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import flatlora_kernels
+
+    assert flatlora_kernels.flatness is flatness
+    for seed, name in ((0, "a"), (1, "b")):
+        model, _ = tiny_mlp(seed=0)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(std=0.3)
+        model.save_pretrained(tmp_path / name)
+    task = Path(__file__).with_name("flatness_task_tiny.py")
+    proc = subprocess.run([sys.executable, "-m", "flatlora_kernels.flatness", "--task", str(task),
+                           "--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b"),
+                           "--out", str(tmp_path / "out"), "--quick"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "flatness.json").read_text())
+    assert {"a", "b", "plane"} <= report.keys()
+    for name in ("surface1d.png", "density.png", "plane.png", "surface2d-a.png"):
+        assert (tmp_path / "out" / name).exists()
