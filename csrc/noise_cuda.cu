@@ -1,7 +1,8 @@
 // CUDA materialisation of Z(seed) from the shared header: the independent check of what the
 // Triton kernels regenerate in registers.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "ops.h"
 #include "philox.h"
@@ -31,7 +32,7 @@ at::Tensor generate_noise_cuda(int64_t seed, int64_t m, int64_t n, int64_t devic
   if (work == 0) return out;
   const int threads = 256;
   const int64_t blocks = (work + threads - 1) / threads;
-  write_noise_kernel<<<static_cast<unsigned int>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  write_noise_kernel<<<static_cast<unsigned int>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       out.data_ptr<float>(), m, n, static_cast<uint64_t>(seed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
