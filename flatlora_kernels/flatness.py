@@ -97,6 +97,17 @@ def _patched(targets: list[_Target], forward_for: Callable[[int, _Target], Calla
             target.module.__dict__.pop("forward", None)
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Evaluate without dropout, then give the model back in the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _mean_loss(model, loss_fn: LossFn, batches: Sequence, create_graph: bool = False) -> torch.Tensor:
     total = None
     for batch in batches:
@@ -417,9 +428,7 @@ def loss_surface(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, see
         raise ValueError("alphas (and betas) must not be empty")
     targets = merged_targets(model, include_all_linear)
     scales = _filter_scales(targets)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         base = _loss_with_terms(model, loss_fn, batches, targets, lambda i: [(0, None)])
         losses = []
         for alpha in _progress(alphas, progress, "loss surface"):
@@ -432,8 +441,6 @@ def loss_surface(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, see
                     return out
                 row.append(_loss_with_terms(model, loss_fn, batches, targets, terms))
             losses.append(row)
-    finally:
-        model.train(was_training)
     return LossSurface(alphas, None if betas is None else betas_list, losses, seeds, base, [t.name for t in targets])
 
 
@@ -464,9 +471,7 @@ def noisy_loss(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, sigma
         raise ValueError(f"sigmas must be numbers >= 0, got {list(sigmas)!r}")
     targets = merged_targets(model, include_all_linear)
     scales = _filter_scales(targets)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         base = _loss_with_terms(model, loss_fn, batches, targets, lambda i: [(0, None)])
         means, stds = [], []
         for sigma in _progress(list(sigmas), progress, "noisy loss"):
@@ -476,15 +481,10 @@ def noisy_loss(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, sigma
                 for k in range(num_samples)], dtype=torch.float64)
             means.append(float(values.mean()))
             stds.append(float(values.std()) if num_samples > 1 else 0.0)
-    finally:
-        model.train(was_training)
     return NoisyLoss([float(s) for s in sigmas], means, stds, num_samples, base)
 
 
 # ------------------------------------------------------------------- the plane through three adapters
-Point = "dict[str, tuple[torch.Tensor, torch.Tensor]] | None"
-
-
 def lora_point(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The current adapter of ``model`` as a point for :func:`loss_plane`: ``{layer: (A, B)}`` copies."""
     point = {}
@@ -535,13 +535,9 @@ def loss_plane(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, point
         with torch.no_grad(), _patched(targets, forward_at(coefficients)):
             return float(_mean_loss(model, loss_fn, batches))
 
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         corners = [loss(c) for c in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
         grid = [[loss((1 - a - b, a, b)) for b in betas] for a in _progress(list(alphas), progress, "loss plane")]
-    finally:
-        model.train(was_training)
     return LossPlane([float(a) for a in alphas], [float(b) for b in betas], grid, corners)
 
 

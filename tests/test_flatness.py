@@ -1,7 +1,5 @@
 """The flatness toolkit against exact Hessians and materialised directions."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
