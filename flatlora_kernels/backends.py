@@ -8,6 +8,7 @@ Every backend provides the same three operations with the reference's semantics:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
             "interpreter (set TRITON_INTERPRET=1 before importing triton)")
 
 
+@functools.lru_cache(maxsize=None)  # built once: get_backend runs on every layer call
 def _triton_backend() -> Backend:
     from .triton_ops.noise import generate_noise_triton
     from .triton_ops.perturbed_matmul import perturbed_matmul_triton
@@ -53,6 +55,7 @@ def _triton_backend() -> Backend:
     return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton)
 
 
+@functools.lru_cache(maxsize=None)
 def _native_backend() -> Backend:
     from .native import generate_noise_native, merged_row_norms_native, perturbed_matmul_native
 
