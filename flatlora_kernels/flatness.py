@@ -36,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 
-from .functional import flat_lora_linear, generate_noise
-from .integration import layer_seed
+from . import checks
+from .functional import _flat_lora_linear, generate_noise
+from .layer import logical_weight
+from .noise import layer_seed
 
 LossFn = Callable[[torch.nn.Module, object], torch.Tensor]
 
@@ -53,9 +55,7 @@ class _Target:
         module = self.module
         if isinstance(module, LoraLinear):
             adapter = module.active_adapters[0]
-            weight = module.get_base_layer().weight
-            weight = weight.t() if module.fan_in_fan_out else weight
-            return (weight, module.get_base_layer().bias, module.lora_A[adapter].weight,
+            return (logical_weight(module), module.get_base_layer().bias, module.lora_A[adapter].weight,
                     module.lora_B[adapter].weight, module.scaling[adapter])
         return module.weight, module.bias, None, None, 0.0
 
@@ -123,8 +123,7 @@ def _check_common(batches, **positive) -> list:
     if not batches:
         raise ValueError("batches is empty: the measures need at least one batch")
     for name, value in positive.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        checks.positive_int(name, value)
     return batches
 
 
@@ -336,8 +335,7 @@ def epsilon_sharpness(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable
     """Largest loss rise for merged-weight offsets in the box ``|delta_j| <= epsilon (|w'_j| + 1)``,
     found by ``steps`` steps of projected sign-gradient ascent from ``delta = 0``."""
     batches = _check_common(batches, steps=steps)
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-        raise ValueError(f"epsilon must be a number > 0, got {epsilon!r}")
+    epsilon = checks.positive_real("epsilon", epsilon)
     targets = merged_targets(model, include_all_linear)
     hess = _MergedHessian(model, loss_fn, batches, targets)
     radius = [epsilon * (m.abs() + 1) for m in hess.merged]
@@ -392,12 +390,11 @@ def _regenerated_forward(target: _Target, terms: list[tuple[int, torch.Tensor]])
         a = lora_A if lora_A is not None else x.new_zeros(1, n)
         b = lora_B if lora_B is not None else x.new_zeros(m, 1)
         (seed, row_std), *rest = terms
-        y = flat_lora_linear(x, weight.detach(), bias, a, b, scaling, seed=seed, row_std=row_std,
-                             _row_std_checked=True)
+        y = _flat_lora_linear(x, weight.detach(), bias, a, b, scaling, seed=seed, row_std=row_std)
         zero = weight.new_zeros(()).expand(m, n)
         for seed, row_std in rest:
-            y = y + flat_lora_linear(x, zero, None, x.new_zeros(1, n), x.new_zeros(m, 1), 0.0, seed=seed,
-                                     row_std=row_std, _row_std_checked=True)
+            y = y + _flat_lora_linear(x, zero, None, x.new_zeros(1, n), x.new_zeros(m, 1), 0.0, seed=seed,
+                                      row_std=row_std)
         return y
 
     return forward
@@ -467,8 +464,7 @@ def noisy_loss(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, sigma
     """Mean (and std over noise samples) of the loss under Flat-LoRA's perturbation
     ``c = sigma ||W'||_row / sqrt(n)`` for each ``sigma``: the quantity Flat-LoRA minimises."""
     batches = _check_common(batches, num_samples=num_samples)
-    if any(not (isinstance(s, (int, float)) and s >= 0) for s in sigmas):
-        raise ValueError(f"sigmas must be numbers >= 0, got {list(sigmas)!r}")
+    sigmas = [checks.sigma(s, "each of sigmas") for s in sigmas]
     targets = merged_targets(model, include_all_linear)
     scales = _filter_scales(targets)
     with _eval_mode(model):
@@ -481,7 +477,7 @@ def noisy_loss(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, sigma
                 for k in range(num_samples)], dtype=torch.float64)
             means.append(float(values.mean()))
             stds.append(float(values.std()) if num_samples > 1 else 0.0)
-    return NoisyLoss([float(s) for s in sigmas], means, stds, num_samples, base)
+    return NoisyLoss(sigmas, means, stds, num_samples, base)
 
 
 # ------------------------------------------------------------------- the plane through three adapters
@@ -527,7 +523,7 @@ def loss_plane(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, point
                     return F.linear(x, weight, bias)
                 a = torch.cat([fa.to(x.device) for (fa, _), _ in factors])
                 b = torch.cat([c * fb.to(x.device) for (_, fb), c in factors], dim=1)
-                return flat_lora_linear(x, weight.detach(), bias, a, b, scaling, seed=0, row_std=None)
+                return _flat_lora_linear(x, weight.detach(), bias, a, b, scaling, seed=0, row_std=None)
             return forward
         return make
 

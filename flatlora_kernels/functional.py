@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 
+from . import checks
 from .backends import get_backend
-from .noise import split_seed
+from .noise import check_seed, seed_from_int64, seed_to_int64
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -19,12 +18,6 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-
-
-def _check_scaling(scaling) -> float:
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
-    return float(scaling)
 
 
 def _check_lora(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -63,10 +56,9 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
     See :mod:`flatlora_kernels.noise` for the exact definition. This materialises it; the
     training paths never do.
     """
-    split_seed(seed)
-    for name, v in (("out_features", out_features), ("in_features", in_features)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    check_seed(seed)
+    out_features = checks.nonnegative_int("out_features", out_features)
+    in_features = checks.nonnegative_int("in_features", in_features)
     if out_features > 2**32 or in_features > 2**34:
         raise ValueError("the noise contract indexes at most 2**32 rows and 2**34 columns")
     device = torch.device("cpu" if device is None else device)
@@ -81,14 +73,9 @@ def merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     Not differentiable: it is a statistic of the current weights.
     """
     _check_lora(weight, lora_A, lora_B)
-    scaling = _check_scaling(scaling)
+    scaling = checks.finite_real("scaling", scaling)
     with torch.no_grad():
         return get_backend(weight.device).row_norms(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
-
-
-def _seed_to_int64(seed: int) -> int:
-    """Operator schemas carry int64: map [0, 2**64) onto it two's-complement style."""
-    return seed - 2**64 if seed >= 2**63 else seed
 
 
 @torch.library.custom_op("flatlora::perturbed_matmul", mutates_args=())
@@ -100,7 +87,7 @@ def perturbed_matmul_op(
     """The registered operator behind the layer: one opaque node for ``torch.compile``; it runs the
     selected backend (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`)."""
     return get_backend(a.device).perturbed_matmul(
-        a, weight, transpose_weight=transpose_weight, seed=seed % 2**64, row_std=row_std, bias=bias,
+        a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
         lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
         out_dtype=out_dtype)
 
@@ -166,8 +153,7 @@ class FlatLoraLinearFunction(torch.autograd.Function):
 
 def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, seed: int,
-                     row_std: torch.Tensor | None, dropout_p: float = 0.0,
-                     _row_std_checked: bool = False) -> torch.Tensor:
+                     row_std: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
     """LoRA linear layer evaluated at the perturbed merged weight ``W + diag(row_std) Z(seed) + s·BA``.
 
     Args:
@@ -177,13 +163,27 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         lora_A, lora_B: ``(r, in_features)`` and ``(out_features, r)``.
         scaling: the LoRA scale ``s``.
         seed: 64-bit noise seed (Python int in ``[0, 2**64)``).
-        row_std: float32 ``(out_features,)`` per-row noise std ``c``, or None for plain LoRA.
+        row_std: float32 ``(out_features,)`` per-row noise std ``c`` (finite, >= 0), or None for
+            plain LoRA.
         dropout_p: dropout on the LoRA path only, as in PEFT (pass 0 in eval).
 
     Returns ``(..., out_features)`` in the input's dtype, or the autocast dtype under autocast.
     Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; the noise is regenerated, not
     stored, in the backward pass.
     """
+    if row_std is not None:
+        _check_lora(weight, lora_A, lora_B)
+        check_row_std(row_std, weight)
+    return _flat_lora_linear(x, weight, bias, lora_A, lora_B, scaling, seed=seed, row_std=row_std,
+                             dropout_p=dropout_p)
+
+
+def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, seed: int,
+                      row_std: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """:func:`flat_lora_linear` without reading ``row_std``'s values, for callers inside the package
+    that built ``c`` themselves: the layer (checked once per sample, not per call) and the
+    flatness toolkit (whose signed steps along a direction need negative ``c``)."""
     _check_float("x", x)
     _check_lora(weight, lora_A, lora_B)
     m, n = weight.shape
@@ -199,12 +199,9 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if tuple(bias.shape) != (m,) or bias.device != weight.device:
             raise ValueError(f"bias must have shape ({m},) on {weight.device}, "
                              f"got {tuple(bias.shape)} on {bias.device}")
-    scaling = _check_scaling(scaling)
-    split_seed(seed)
-    if row_std is not None and not _row_std_checked:
-        check_row_std(row_std, weight)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    scaling = checks.finite_real("scaling", scaling)
+    seed64 = seed_to_int64(seed)
+    dropout_p = checks.probability("dropout_p", dropout_p)
 
     autocast_dtype = _autocast_dtype(x.device.type)
     compute_dtype = autocast_dtype or x.dtype
@@ -213,6 +210,6 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise TypeError(f"autocast dtype {compute_dtype} is not supported")
     x2 = x.reshape(-1, n)
     with torch.autocast(x.device.type, enabled=False):
-        y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, _seed_to_int64(seed), row_std,
-                                         float(dropout_p), compute_dtype, lora_dtype)
+        y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, seed64, row_std,
+                                         dropout_p, compute_dtype, lora_dtype)
     return y.reshape(*x.shape[:-1], m)

@@ -27,26 +27,10 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from .layer import FlatLoraLinear
-from .noise import split_seed
+from .noise import layer_seed, split_seed
 
 Schedule = Union[str, Callable[[int, "int | None"], float]]
 SCHEDULES = ("cosine", "linear", "constant")
-_MASK64 = 2**64 - 1
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def layer_seed(seed: int, sample: int, layer: int, rank_tag: int) -> int:
-    """The 64-bit noise seed of one layer for one sample (see the module docstring)."""
-    z = _splitmix64(seed)
-    for part in (sample, layer, rank_tag):
-        z = _splitmix64(z ^ part)
-    return z
 
 
 def schedule_factor(schedule: Schedule, step: int, total_steps: int | None) -> float:

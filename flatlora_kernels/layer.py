@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from .functional import check_row_std, flat_lora_linear, merged_row_norms
-from .noise import split_seed
+from . import checks
+from .functional import _flat_lora_linear, check_row_std, merged_row_norms
+from .noise import check_seed
+
+
+def logical_weight(layer: LoraLinear) -> torch.Tensor:
+    """The frozen base weight of a PEFT LoRA ``Linear`` as an ``(out_features, in_features)`` view.
+
+    GPT-2's ``Conv1D`` stores it as ``(in, out)`` (PEFT's ``fan_in_fan_out``); noise indices
+    ``(i, j)`` and filter norms always refer to this logical matrix.
+    """
+    weight = layer.get_base_layer().weight
+    return weight.t() if layer.fan_in_fan_out else weight
 
 
 class FlatLoraLinear(LoraLinear):
@@ -57,10 +67,8 @@ class FlatLoraLinear(LoraLinear):
         return self.noise_row_std is not None
 
     def logical_weight(self) -> torch.Tensor:
-        """The frozen base weight as an ``(out_features, in_features)`` view (``Conv1D`` stores it
-        transposed); noise indices ``(i, j)`` refer to this matrix."""
-        weight = self.get_base_layer().weight
-        return weight.t() if self.fan_in_fan_out else weight
+        """The frozen base weight as an ``(out_features, in_features)`` view (see :func:`logical_weight`)."""
+        return logical_weight(self)
 
     def _noise_adapter(self) -> str:
         """The single vanilla LoRA adapter that noise applies to, or a clear error."""
@@ -82,9 +90,8 @@ class FlatLoraLinear(LoraLinear):
     def sample_noise(self, seed: int, sigma: float) -> None:
         """Draw a new perturbation: keep ``seed`` and ``c = sigma * ||W + s B A||_row / sqrt(n)``,
         computed now and frozen until the next call. ``sigma == 0`` clears the noise."""
-        split_seed(seed)
-        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        check_seed(seed)
+        sigma = checks.sigma(sigma)
         if sigma == 0:
             self._reset_noise_state()
             return
@@ -92,7 +99,7 @@ class FlatLoraLinear(LoraLinear):
         weight = self.logical_weight()
         norms = merged_row_norms(weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                  self.scaling[adapter])
-        row_std = norms * (float(sigma) / math.sqrt(weight.shape[1]))
+        row_std = norms * (sigma / math.sqrt(weight.shape[1]))
         check_row_std(row_std, weight)
         self.noise_seed = seed
         self.noise_row_std = row_std
@@ -116,10 +123,10 @@ class FlatLoraLinear(LoraLinear):
         row_std = self.noise_row_std
         if row_std.device != weight.device:
             row_std = self.noise_row_std = row_std.to(weight.device)
-        return flat_lora_linear(
+        # row_std was checked once, when the sample was drawn
+        return _flat_lora_linear(
             x, weight, self.get_base_layer().bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            self.scaling[adapter], seed=self.noise_seed, row_std=row_std, dropout_p=dropout_p,
-            _row_std_checked=True)
+            self.scaling[adapter], seed=self.noise_seed, row_std=row_std, dropout_p=dropout_p)
 
     def __repr__(self) -> str:
         return "flatlora." + super().__repr__().removeprefix("lora.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .noise import split_seed
+from .noise import seed_to_int64
 
 try:
     from . import _C
@@ -39,20 +39,14 @@ def native_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _seed64(seed: int) -> int:
-    lo, hi = split_seed(seed)
-    value = lo | hi << 32
-    return value - 2**64 if value >= 2**63 else value  # C++ takes the 64 bits as int64_t
-
-
 def generate_noise_native(seed: int, m: int, n: int, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cuda":
         if not native_cuda_available():
             raise RuntimeError("the native extension was built without CUDA; use the triton backend on GPUs")
-        return _C.generate_noise_cuda(_seed64(seed), m, n, device.index if device.index is not None
+        return _C.generate_noise_cuda(seed_to_int64(seed), m, n, device.index if device.index is not None
                                       else torch.cuda.current_device())
-    return _C.generate_noise_cpu(_seed64(seed), m, n).to(device)
+    return _C.generate_noise_cpu(seed_to_int64(seed), m, n).to(device)
 
 
 def merged_row_norms_native(weight, lora_A, lora_B, scaling, *, out=None) -> torch.Tensor:
@@ -63,7 +57,7 @@ def merged_row_norms_native(weight, lora_A, lora_B, scaling, *, out=None) -> tor
 def perturbed_matmul_native(a, weight, *, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
                             keep, keep_scale, out_dtype, out=None) -> torch.Tensor:
     """Semantics of :func:`flatlora_kernels.reference.perturbed_matmul`, in C++ on bounded blocks."""
-    result = _C.perturbed_matmul_cpu(a, weight, transpose_weight, _seed64(seed), row_std, bias, lora_left,
+    result = _C.perturbed_matmul_cpu(a, weight, transpose_weight, seed_to_int64(seed), row_std, bias, lora_left,
                                      lora_right, float(scaling), keep, float(keep_scale), _DTYPE_NAMES[out_dtype])
     return result if out is None else out.copy_(result)
 

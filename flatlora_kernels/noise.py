@@ -58,13 +58,56 @@ MAX_ABS_NORMAL = math.sqrt(-2.0 * math.log(2.0**-24))
 _MASK32 = 0xFFFFFFFF
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """Check a seed and return its Philox key ``(low 32 bits, high 32 bits)``."""
+_MASK64 = 2**64 - 1
+
+
+# ------------------------------------------------------------------------------------- seeds
+# A seed is a Python int in [0, 2**64) everywhere in the public API. Operator schemas and the
+# C++ side carry int64, so crossing them maps it two's-complement style (seed_to_int64) and back.
+def check_seed(seed: int) -> int:
+    """Return ``seed`` if it is a Python int in ``[0, 2**64)``; raise otherwise."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be a Python int in [0, 2**64), got {type(seed).__name__} {seed!r}")
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """Check a seed and return its Philox key ``(low 32 bits, high 32 bits)``."""
+    check_seed(seed)
     return seed & _MASK32, seed >> 32
+
+
+def seed_to_int64(seed: int) -> int:
+    """The signed int64 with the same 64 bits as ``seed`` (for operator schemas and C++)."""
+    check_seed(seed)
+    return seed - SEED_LIMIT if seed >= 2**63 else seed
+
+
+def seed_from_int64(value: int) -> int:
+    """Inverse of :func:`seed_to_int64`."""
+    return value & _MASK64
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def layer_seed(seed: int, sample: int, layer: int, rank_tag: int) -> int:
+    """The seed of layer ``layer`` in noise sample ``sample``: SplitMix64 finalisers chained over
+    ``(seed, sample, layer, rank_tag)``, i.e. ``mix(mix(mix(mix(seed) ^ sample) ^ layer) ^ rank_tag)``.
+
+    Neighbouring inputs give unrelated 64-bit seeds, so layers, samples and ranks draw independent
+    noise from one base seed. ``rank_tag`` is ``rank + 1`` for per-rank noise and 0 for shared noise.
+    """
+    z = _splitmix64(check_seed(seed))
+    for part in (sample, layer, rank_tag):
+        z = _splitmix64(z ^ part)
+    return z
 
 
 def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
