@@ -1,13 +1,31 @@
-"""Helpers shared by the benchmark scripts: where results go, device names, Linux peak-RSS reading."""
+"""Helpers shared by the benchmark scripts: where results go, the one record schema, device names,
+Linux peak-RSS reading.
+
+Every JSON this folder writes is one record::
+
+    {"schema": "flatlora-bench/1", "benchmark": NAME, "environment": {...}, "config": {...}, "results": [...]}
+
+``environment`` names the device, the torch/triton/CUDA/Python versions and the git commit, so a
+committed figure can always be traced to what produced it. ``$OUT`` (set by the device tool on a lent
+GPU) redirects results there.
+"""
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
 import re
+import subprocess
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks" / "results"
+SCHEMA = "flatlora-bench/1"
 
 
 def device_label(device: torch.device) -> str:
@@ -33,3 +51,41 @@ def reset_peak_rss() -> int:
     """Reset the kernel's peak-RSS mark (VmHWM) and return the current RSS in KiB."""
     Path("/proc/self/clear_refs").write_text("5")
     return status_kib("VmRSS")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when tracked files differ), or None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment(device: torch.device | str) -> dict:
+    """What produced a result: device, library versions, commit, time."""
+    device = torch.device(device)
+    return {"device": device_label(device), "device_type": device.type, "torch": torch.__version__,
+            "triton": _version("triton"), "cuda": torch.version.cuda, "python": platform.python_version(),
+            "platform": platform.platform(), "git_commit": git_commit(),
+            "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_record(path: Path, benchmark: str, device: torch.device | str, config: dict, results: list) -> Path:
+    """Write one record of the shared schema (see the module docstring) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"schema": SCHEMA, "benchmark": benchmark, "environment": environment(device), "config": config,
+              "results": results}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
