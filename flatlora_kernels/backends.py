@@ -67,8 +67,12 @@ _REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, r
 
 def backend_name(device: torch.device | str) -> str:
     """The backend that will run for tensors on ``device`` (honours ``FLATLORA_BACKEND``)."""
-    device = torch.device(device)
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    return _resolve_backend(torch.device(device).type, os.environ.get(BACKEND_ENV, "").strip().lower())
+
+
+@functools.lru_cache(maxsize=None)  # backend_name runs on every layer call; probing is not free
+def _resolve_backend(device_type: str, forced: str) -> str:
+    device = torch.device(device_type)
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; choose one of {', '.join(BACKENDS)}")

@@ -279,3 +279,21 @@ def test_unknown_or_unavailable_backend(monkeypatch):
             fk.backend_name("cpu")
     else:
         assert fk.backend_name("cpu") == "triton"
+
+
+def test_backend_name_probes_once_per_device_type_and_env_value(monkeypatch):
+    probes = []
+    real_probe = fk.backends.native_unavailable_reason
+    monkeypatch.setattr(fk.backends, "native_unavailable_reason", lambda d: probes.append(d.type) or real_probe(d))
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    fk.backends._resolve_backend.cache_clear()
+    try:
+        first = fk.backend_name("cpu")
+        assert all(fk.backend_name(d) == first for d in ("cpu", torch.device("cpu", 0), "cpu"))
+        assert probes == ["cpu"]
+        monkeypatch.setenv(BACKEND_ENV, "reference")  # another env value is another key
+        assert fk.backend_name("cpu") == "reference"
+        monkeypatch.delenv(BACKEND_ENV)
+        assert fk.backend_name("cpu") == first and probes == ["cpu"]
+    finally:
+        fk.backends._resolve_backend.cache_clear()
