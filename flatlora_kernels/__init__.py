@@ -4,8 +4,9 @@ Public API:
 
 * :func:`generate_noise`, :func:`merged_row_norms`, :func:`flat_lora_linear` (functional);
 * :class:`FlatLoraLinear`, a drop-in subclass of PEFT's LoRA ``Linear``;
-* :func:`apply_flat_lora` (returns a :class:`FlatLora` controller), :func:`register_flat_lora`
-  and :class:`FlatLoraCallback` (``transformers.Trainer``) to train with it;
+* :func:`apply_flat_lora` (takes a :class:`FlatLoraConfig` or its fields, returns a :class:`FlatLora`
+  controller), :func:`register_flat_lora` and :class:`FlatLoraCallback` (``transformers.Trainer``)
+  to train with it;
 * :mod:`flatlora_kernels.flatness`: Hessian spectra, sharpness and loss surfaces of the merged weights;
 * :func:`backend_name` tells which implementation runs for a device; :func:`native_available`
   whether the compiled C++ ops are installed.
@@ -13,14 +14,14 @@ Public API:
 
 from .backends import backend_name
 from .functional import flat_lora_linear, generate_noise, merged_row_norms
-from .integration import FlatLora, apply_flat_lora, register_flat_lora
+from .integration import FlatLora, FlatLoraConfig, apply_flat_lora, register_flat_lora
 from .layer import FlatLoraLinear
 from .native import native_available
 
 __version__ = "0.1.0"
 
-__all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraLinear", "apply_flat_lora", "backend_name", "flat_lora_linear",
-           "generate_noise", "merged_row_norms", "native_available", "register_flat_lora"]
+__all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraConfig", "FlatLoraLinear", "apply_flat_lora", "backend_name",
+           "flat_lora_linear", "generate_noise", "merged_row_norms", "native_available", "register_flat_lora"]
 
 
 def __getattr__(name):

@@ -11,35 +11,89 @@ number of optimizer steps taken; a new sample (seed and filter norms ``c``, comp
 merged weights at that moment) every ``resample_every`` steps; every micro-batch of a
 gradient-accumulation window sees the same noise, because nothing changes it until ``step()``.
 
-Seeds: layer ``k`` (LoRA layers in ``named_modules`` order) of sample ``s`` uses
-``mix(mix(mix(mix(seed) ^ s) ^ k) ^ rank_tag)`` where ``mix`` is the SplitMix64 finaliser and
-``rank_tag`` is ``rank + 1`` with ``per_rank_noise`` and 0 without. The global torch RNG is never
-touched, so two identical runs give identical adapters.
+Seeds: layer ``k`` (adopted LoRA layers in ``named_modules`` order) of sample ``s`` uses
+``layer_seed(seed, s, k, rank_tag)`` (:func:`flatlora_kernels.noise.layer_seed`), with ``rank_tag``
+``rank + 1`` under ``per_rank_noise`` and 0 without. The global torch RNG is never touched, so two
+identical runs give identical adapters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-import numbers
+import warnings
 from typing import Callable, Union
 
 import torch
-from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 
-from .layer import FlatLoraLinear
-from .noise import layer_seed, split_seed
+from . import checks
+from .layer import FlatLoraLinear, noise_unsupported_reason
+from .noise import check_seed, layer_seed
 
 Schedule = Union[str, Callable[[int, "int | None"], float]]
 SCHEDULES = ("cosine", "linear", "constant")
+
+logger = logging.getLogger("flatlora_kernels")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLoraConfig:
+    """The Flat-LoRA procedure of one run, validated once when it is made.
+
+    Args:
+        sigma: the noise level (paper: 0.05 for language models, 0.15 for CLIP ViT).
+        schedule: ``"cosine"`` (the public code's), ``"linear"``, ``"constant"``, or a callable
+            ``(step, total_steps) -> factor``.
+        total_steps: optimizer steps in the run; ``"cosine"`` and ``"linear"`` need it by the time
+            training starts (:class:`FlatLoraCallback` fills it from the Trainer's ``max_steps``).
+        resample_every: optimizer steps between noise samples (1 in every published run).
+        seed: 64-bit base seed; per-layer seeds are derived from it (:func:`layer_seed`).
+        per_rank_noise: under ``torch.distributed``, an independent sample on every rank.
+    """
+
+    sigma: float = 0.05
+    schedule: Schedule = "cosine"
+    total_steps: int | None = None
+    resample_every: int = 1
+    seed: int = 0
+    per_rank_noise: bool = True
+
+    def __post_init__(self) -> None:
+        set_field = object.__setattr__.__get__(self)  # frozen: normalise the fields once, here
+        set_field("sigma", checks.sigma(self.sigma))
+        if not callable(self.schedule) and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} or a callable (step, total_steps) -> factor, "
+                             f"got {self.schedule!r}")
+        set_field("total_steps", checks.optional_positive_int("total_steps", self.total_steps))
+        set_field("resample_every", checks.positive_int("resample_every", self.resample_every))
+        check_seed(self.seed)
+        if not isinstance(self.per_rank_noise, bool):
+            raise TypeError(f"per_rank_noise must be a bool, got {self.per_rank_noise!r}")
+
+    def require_total_steps(self) -> None:
+        """Raise if the schedule needs ``total_steps`` and none was given."""
+        if self.schedule in ("cosine", "linear") and self.total_steps is None:
+            raise ValueError(f"the {self.schedule!r} schedule needs total_steps (the number of optimizer steps)")
+
+    def to_dict(self) -> dict:
+        """The fields as plain values (a callable schedule is recorded as ``"callable"``)."""
+        state = dataclasses.asdict(self)
+        if not isinstance(self.schedule, str):
+            state["schedule"] = "callable"
+        return state
 
 
 def schedule_factor(schedule: Schedule, step: int, total_steps: int | None) -> float:
     """``f(t)``: the fraction of ``sigma`` used after ``step`` optimizer steps."""
     if callable(schedule):
         value = schedule(step, total_steps)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"the schedule callable returned {value!r} at step {step}; expected a finite number >= 0")
-        return float(value)
+        try:
+            return checks.nonnegative_real("the schedule callable's factor", value)
+        except ValueError:
+            raise ValueError(f"the schedule callable returned {value!r} at step {step}; "
+                             "expected a finite number >= 0") from None
     if schedule == "constant":
         return 1.0
     progress = min(step / total_steps, 1.0)
@@ -54,40 +108,35 @@ def _current_rank() -> int:
     return 0
 
 
-def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _type_name(module: torch.nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 class FlatLora:
-    """Owns the Flat-LoRA layers of one model and the noise schedule. Made by :func:`apply_flat_lora`."""
+    """Owns the Flat-LoRA layers of one model and the noise schedule. Made by :func:`apply_flat_lora`.
 
-    def __init__(self, layers: dict[str, FlatLoraLinear], *, sigma: float, schedule: Schedule,
-                 total_steps: int | None, resample_every: int, seed: int, per_rank_noise: bool) -> None:
-        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-        if not callable(schedule) and schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES} or a callable (step, total_steps) -> factor, "
-                             f"got {schedule!r}")
-        _check_positive_int("total_steps", total_steps, allow_none=True)
-        if schedule in ("cosine", "linear") and total_steps is None:
-            raise ValueError(f"the {schedule!r} schedule needs total_steps (the number of optimizer steps)")
-        _check_positive_int("resample_every", resample_every)
-        split_seed(seed)
-        if not isinstance(per_rank_noise, bool):
-            raise TypeError(f"per_rank_noise must be a bool, got {per_rank_noise!r}")
+    ``layers`` maps module names to the adopted :class:`FlatLoraLinear` layers; ``skipped`` maps the
+    names of LoRA layers that train *without* noise to the reason (their type, or what they use
+    that the fused kernels do not support).
+    """
+
+    def __init__(self, layers: dict[str, FlatLoraLinear], config: FlatLoraConfig,
+                 skipped: dict[str, str] | None = None) -> None:
+        config.require_total_steps()
         self.layers = layers
-        self.sigma = float(sigma)
-        self.schedule = schedule
-        self.total_steps = total_steps
-        self.resample_every = resample_every
-        self.seed = seed
-        self.per_rank_noise = per_rank_noise
+        self.config = config
+        self.skipped = dict(skipped or {})
         self.step_count = 0
         self.sigma_t = 0.0
         self.resample()
+
+    # the config's fields, read-only, as attributes of the controller
+    sigma = property(lambda self: self.config.sigma)
+    schedule = property(lambda self: self.config.schedule)
+    total_steps = property(lambda self: self.config.total_steps)
+    resample_every = property(lambda self: self.config.resample_every)
+    seed = property(lambda self: self.config.seed)
+    per_rank_noise = property(lambda self: self.config.per_rank_noise)
 
     @property
     def sample_index(self) -> int:
@@ -115,62 +164,87 @@ class FlatLora:
             layer.clear_noise()
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "sigma": self.sigma, "total_steps": self.total_steps,
-                "resample_every": self.resample_every, "seed": self.seed, "per_rank_noise": self.per_rank_noise,
-                "schedule": self.schedule if isinstance(self.schedule, str) else "callable",
-                "layers": list(self.layers)}
+        return {"step": self.step_count, **self.config.to_dict(), "layers": list(self.layers)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a run: restore the step count and redraw the sample it was using."""
         mine = self.state_dict()
-        for key in ("sigma", "total_steps", "resample_every", "seed", "per_rank_noise", "schedule", "layers"):
+        for key in mine.keys() - {"step"}:
             if key in state and state[key] != mine[key]:
                 raise ValueError(f"Flat-LoRA state was saved with {key}={state[key]!r}, this run has {mine[key]!r}")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
-        self.step_count = step
+        self.step_count = checks.nonnegative_int("step", state["step"])
         self.resample()
 
     def __repr__(self) -> str:
-        return (f"FlatLora(layers={len(self.layers)}, sigma={self.sigma}, schedule={self.schedule!r}, "
-                f"step={self.step_count}, sigma_t={self.sigma_t:.4g})")
+        skipped = "".join(f"\n  skipped {name}: {reason}" for name, reason in self.skipped.items())
+        return (f"FlatLora(layers={len(self.layers)}, skipped={len(self.skipped)}, sigma={self.sigma}, "
+                f"schedule={self.schedule!r}, step={self.step_count}, sigma_t={self.sigma_t:.4g}){skipped}")
 
 
-def apply_flat_lora(peft_model: torch.nn.Module, sigma: float = 0.05, schedule: Schedule = "cosine",
-                    total_steps: int | None = None, resample_every: int = 1, seed: int = 0,
-                    per_rank_noise: bool = True) -> FlatLora:
+def _split_lora_layers(peft_model: torch.nn.Module) -> tuple[dict[str, LoraLayer], dict[str, str]]:
+    """The model's LoRA layers that Flat-LoRA can drive, and the others with the reason for each."""
+    layers: dict[str, LoraLayer] = {}
+    skipped: dict[str, str] = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if getattr(module, "flat_lora_controlled", False):
+            raise ValueError(f"apply_flat_lora was already called on this model ({name} is controlled); "
+                             "keep using the FlatLora object it returned")
+        reason = noise_unsupported_reason(module)
+        if reason is None:
+            layers[name] = module
+        else:
+            skipped[name] = f"{_type_name(module)}: {reason}"
+    return layers, skipped
+
+
+def apply_flat_lora(peft_model: torch.nn.Module, config: FlatLoraConfig | None = None, *, strict: bool = False,
+                    **options) -> FlatLora:
     """Swap every PEFT LoRA ``Linear`` of ``peft_model`` for :class:`FlatLoraLinear`, in place.
 
     Also adopts layers that are already ``FlatLoraLinear`` (from :func:`register_flat_lora`).
-    Other modules, LoRA ``Embedding``/``Conv`` layers included, are left alone. Returns the
-    controller; call its :meth:`FlatLora.step` after each optimizer step.
+    Returns the controller; call its :meth:`FlatLora.step` after each optimizer step.
+
+    LoRA layers that the fused kernels cannot perturb (``Embedding``/``Conv`` LoRA, quantized
+    bases such as bitsandbytes ``Linear4bit``, DoRA and other variants, ``lora_bias``, subclasses
+    of PEFT's ``Linear``) would train without noise: they are listed in the controller's
+    ``skipped`` and ``repr``, logged, and named in a warning; with ``strict=True`` they are an error.
 
     Args:
-        sigma: the noise level (paper: 0.05 for language models, 0.15 for CLIP ViT).
-        schedule: ``"cosine"`` (the public code's), ``"linear"``, ``"constant"``, or a callable
-            ``(step, total_steps) -> factor``.
-        total_steps: optimizer steps in the run (needed by ``"cosine"`` and ``"linear"``).
-        resample_every: optimizer steps between noise samples (1 in every published run).
-        seed: 64-bit base seed; per-layer seeds are derived from it.
-        per_rank_noise: under ``torch.distributed``, an independent sample on every rank.
+        config: a :class:`FlatLoraConfig`; or give its fields as keyword arguments
+            (``sigma=0.05, schedule="cosine", total_steps=None, resample_every=1, seed=0,
+            per_rank_noise=True``), not both.
+        strict: raise instead of warning when a LoRA layer would train without noise.
     """
-    layers: dict[str, FlatLoraLinear] = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, FlatLoraLinear):
-            if getattr(module, "flat_lora_controlled", False):
-                raise ValueError(f"apply_flat_lora was already called on this model ({name} is controlled); "
-                                 "keep using the FlatLora object it returned")
-            layers[name] = module
-        elif type(module) is LoraLinear:
-            layers[name] = FlatLoraLinear.from_lora_linear(module)
+    if config is None:
+        config = FlatLoraConfig(**options)
+    elif options:
+        raise TypeError(f"pass either a FlatLoraConfig or its fields as keywords, not both (got {sorted(options)})")
+    elif not isinstance(config, FlatLoraConfig):
+        raise TypeError(f"config must be a FlatLoraConfig, got {type(config).__name__}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {strict!r}")
+    layers, skipped = _split_lora_layers(peft_model)
+    if strict and skipped:
+        raise ValueError("strict=True: these LoRA layers cannot be trained with Flat-LoRA noise:\n"
+                         + "\n".join(f"  {name}: {reason}" for name, reason in skipped.items()))
     if not layers:
-        raise ValueError("the model has no PEFT LoRA Linear layers: wrap it with peft.get_peft_model "
+        found = f" (it has {len(skipped)} LoRA layers Flat-LoRA cannot drive: {sorted(skipped)})" if skipped else ""
+        raise ValueError("the model has no PEFT LoRA Linear layers" + found + ": wrap it with peft.get_peft_model "
                          "(or load an adapter with PeftModel.from_pretrained) first")
-    controller = FlatLora(layers, sigma=sigma, schedule=schedule, total_steps=total_steps,
-                          resample_every=resample_every, seed=seed, per_rank_noise=per_rank_noise)
+    config.require_total_steps()  # before any layer changes class
+    layers = {name: module if isinstance(module, FlatLoraLinear) else FlatLoraLinear.from_lora_linear(module)
+              for name, module in layers.items()}
+    controller = FlatLora(layers, config, skipped)
     for layer in layers.values():
         layer.flat_lora_controlled = True
+    logger.info("Flat-LoRA adopted %d LoRA layers and skipped %d%s", len(layers), len(skipped),
+                "".join(f"\n  skipped {name}: {reason}" for name, reason in skipped.items()))
+    if skipped:
+        warnings.warn(f"{len(skipped)} LoRA layers will train WITHOUT Flat-LoRA noise (pass strict=True to make "
+                      "this an error): " + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()),
+                      UserWarning, stacklevel=2)
     return controller
 
 

@@ -8,7 +8,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from . import checks
-from .functional import _flat_lora_linear, check_row_std, merged_row_norms
+from .functional import SUPPORTED_DTYPES, _flat_lora_linear, check_row_std, merged_row_norms
 from .noise import check_seed
 
 
@@ -20,6 +20,36 @@ def logical_weight(layer: LoraLinear) -> torch.Tensor:
     """
     weight = layer.get_base_layer().weight
     return weight.t() if layer.fan_in_fan_out else weight
+
+
+def _adapter_unsupported_reason(layer: LoraLinear, adapter: str) -> str | None:
+    if adapter in getattr(layer, "lora_variant", {}):
+        return (f"adapter {adapter!r} uses the {type(layer.lora_variant[adapter]).__name__} variant (e.g. DoRA); "
+                "Flat-LoRA noise supports vanilla LoRA only")
+    if layer.lora_bias.get(adapter, False):
+        return f"adapter {adapter!r} has lora_bias=True, which Flat-LoRA noise does not support"
+    return None
+
+
+def noise_unsupported_reason(layer: torch.nn.Module) -> str | None:
+    """Why the fused Flat-LoRA path cannot drive this PEFT LoRA layer, or None when it can.
+
+    It can drive PEFT's ``lora.Linear`` itself (not subclasses, whose forward may differ) over a
+    dense float weight (``nn.Linear`` or GPT-2 ``Conv1D``), with vanilla LoRA adapters.
+    """
+    if not isinstance(layer, LoraLinear):
+        return "not a LoRA Linear layer; Flat-LoRA perturbs the dense weights of LoRA Linear layers only"
+    if type(layer) not in (LoraLinear, FlatLoraLinear):
+        return "a subclass of peft.tuners.lora.Linear, whose forward Flat-LoRA cannot vouch for"
+    weight = layer.get_base_layer().weight
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in SUPPORTED_DTYPES:
+        return (f"its base weight ({type(layer.get_base_layer()).__name__}) is {getattr(weight, 'dtype', weight)!r}, "
+                "not a dense float32/bfloat16/float16 matrix (quantized bases are not supported)")
+    for adapter in layer.active_adapters:
+        reason = _adapter_unsupported_reason(layer, adapter)
+        if reason is not None:
+            return reason
+    return None
 
 
 class FlatLoraLinear(LoraLinear):
@@ -78,12 +108,9 @@ class FlatLoraLinear(LoraLinear):
         adapter = active[0]
         if adapter not in self.lora_A:
             raise ValueError(f"active adapter {adapter!r} has no LoRA weights in this layer")
-        if adapter in self.lora_variant:
-            variant = type(self.lora_variant[adapter]).__name__
-            raise NotImplementedError(f"Flat-LoRA noise supports vanilla LoRA only; adapter {adapter!r} "
-                                      f"uses the {variant} variant (e.g. DoRA)")
-        if self.lora_bias.get(adapter, False):
-            raise NotImplementedError(f"Flat-LoRA noise does not support lora_bias=True (adapter {adapter!r})")
+        reason = _adapter_unsupported_reason(self, adapter)
+        if reason is not None:
+            raise NotImplementedError(reason)
         return adapter
 
     @torch.no_grad()

@@ -246,3 +246,88 @@ def test_torch_compile_without_graph_breaks():
     out = torch.compile(model, backend="aot_eager")(pixel_values=pixels).logits
     torch.manual_seed(0)
     torch.testing.assert_close(out, model(pixel_values=pixels).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_config_object_and_keywords_are_the_same_procedure():
+    config = fk.FlatLoraConfig(sigma=0.1, schedule="linear", total_steps=6, resample_every=2, seed=9)
+    by_config = apply_flat_lora(peft_family("vit")[0], config)
+    by_keywords = apply_flat_lora(peft_family("vit")[0], sigma=0.1, schedule="linear", total_steps=6,
+                                  resample_every=2, seed=9)
+    assert by_config.config == by_keywords.config == config
+    assert by_config.state_dict() == by_keywords.state_dict()
+    assert {k: by_config.state_dict()[k] for k in config.to_dict()} == config.to_dict()
+    with pytest.raises(TypeError, match="not both"):
+        apply_flat_lora(peft_family("vit")[0], config, sigma=0.2)
+    with pytest.raises(TypeError, match="FlatLoraConfig"):
+        apply_flat_lora(peft_family("vit")[0], {"sigma": 0.1})
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(sigma=float("inf")), ValueError, "sigma"),
+    (dict(sigma=True), ValueError, "sigma"),
+    (dict(total_steps=2.5), ValueError, "total_steps"),
+    (dict(resample_every=-1), ValueError, "resample_every"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(schedule=None), ValueError, "schedule"),
+])
+def test_config_is_validated_when_made(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fk.FlatLoraConfig(**kwargs)
+    with pytest.raises(error, match=match):  # the callback validates before any training starts
+        fk.FlatLoraCallback(**kwargs)
+
+
+def _mixed_lora_model(kind):
+    """A dense LoRA Linear Flat-LoRA adopts, beside one LoRA layer of ``kind`` that it cannot drive."""
+    from peft.tuners import lora
+
+    def wrap(cls, base, **options):
+        base.requires_grad_(False)  # frozen, as get_peft_model leaves it
+        return cls(base, "default", config=LoraConfig(r=2, lora_alpha=4, **options), r=2, lora_alpha=4, **options)
+
+    model = torch.nn.Module()
+    model.dense = wrap(lora.Linear, torch.nn.Linear(16, 12))
+    if kind == "embedding":
+        model.other = wrap(lora.Embedding, torch.nn.Embedding(10, 16))
+    elif kind == "dora":
+        model.other = wrap(lora.Linear, torch.nn.Linear(16, 12), use_dora=True)
+    elif kind == "subclass":
+        class MyLoraLinear(lora.Linear):
+            pass
+        model.other = wrap(MyLoraLinear, torch.nn.Linear(16, 12))
+    else:  # a 4-bit base: PEFT's bnb wrapper, or its plain Linear around a quantized layer
+        bnb = pytest.importorskip("bitsandbytes")
+        base = bnb.nn.Linear4bit(16, 12, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+        base.weight = bnb.nn.Params4bit(torch.randn(12, 16), requires_grad=False, quant_type="nf4")
+        base = base.to("cpu")  # quantizes
+        model.other = wrap(lora.bnb.Linear4bit if kind == "4bit" else lora.Linear, base)
+    return model
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("embedding", "not a LoRA Linear"), ("4bit", "not a LoRA Linear"), ("4bit-as-linear", "torch.uint8"),
+    ("dora", "vanilla LoRA only"), ("subclass", "subclass"),
+])
+def test_lora_layers_that_would_train_without_noise_are_reported(kind, reason, caplog):
+    model = _mixed_lora_model(kind)
+    other_type = type(model.other).__qualname__
+    with pytest.warns(UserWarning, match=rf"WITHOUT Flat-LoRA noise.*other \(.*{other_type}.*{reason}"):
+        with caplog.at_level("INFO", logger="flatlora_kernels"):
+            ctl = apply_flat_lora(model, sigma=0.1, schedule="constant")
+    assert list(ctl.layers) == ["dense"] and list(ctl.skipped) == ["other"] and reason in ctl.skipped["other"]
+    assert "skipped other" in repr(ctl) and other_type in repr(ctl)
+    assert "adopted 1 LoRA layers and skipped 1" in caplog.text and "other" in caplog.text
+    assert type(model.other).__qualname__ == other_type  # left as it was
+    model.dense(torch.randn(3, 16)).sum().backward()  # the adopted layer trains with noise
+
+    strict_model = _mixed_lora_model(kind)
+    with pytest.raises(ValueError, match=rf"strict=True.*\n  other: .*{reason}"):
+        apply_flat_lora(strict_model, sigma=0.1, schedule="constant", strict=True)
+    assert type(strict_model.dense) is LoraLinear  # nothing was changed before the error
+
+
+def test_a_model_with_only_unsupported_lora_layers_names_them():
+    model = _mixed_lora_model("embedding")
+    del model.dense
+    with pytest.raises(ValueError, match=r"no PEFT LoRA Linear layers \(it has 1 LoRA layers .*\['other'\]"):
+        apply_flat_lora(model, sigma=0.1, schedule="constant")
