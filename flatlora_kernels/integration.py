@@ -61,13 +61,13 @@ class FlatLoraConfig:
     per_rank_noise: bool = True
 
     def __post_init__(self) -> None:
-        set_field = object.__setattr__.__get__(self)  # frozen: normalise the fields once, here
-        set_field("sigma", checks.sigma(self.sigma))
+        # the dataclass is frozen: normalised values are stored through object.__setattr__, once, here
+        object.__setattr__(self, "sigma", checks.sigma(self.sigma))
         if not callable(self.schedule) and self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES} or a callable (step, total_steps) -> factor, "
                              f"got {self.schedule!r}")
-        set_field("total_steps", checks.optional_positive_int("total_steps", self.total_steps))
-        set_field("resample_every", checks.positive_int("resample_every", self.resample_every))
+        object.__setattr__(self, "total_steps", checks.optional_positive_int("total_steps", self.total_steps))
+        object.__setattr__(self, "resample_every", checks.positive_int("resample_every", self.resample_every))
         check_seed(self.seed)
         if not isinstance(self.per_rank_noise, bool):
             raise TypeError(f"per_rank_noise must be a bool, got {self.per_rank_noise!r}")
@@ -110,6 +110,10 @@ def _current_rank() -> int:
 
 def _type_name(module: torch.nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _skipped_lines(skipped: dict[str, str]) -> str:
+    return "".join(f"\n  skipped {name}: {reason}" for name, reason in skipped.items())
 
 
 class FlatLora:
@@ -176,9 +180,9 @@ class FlatLora:
         self.resample()
 
     def __repr__(self) -> str:
-        skipped = "".join(f"\n  skipped {name}: {reason}" for name, reason in self.skipped.items())
         return (f"FlatLora(layers={len(self.layers)}, skipped={len(self.skipped)}, sigma={self.sigma}, "
-                f"schedule={self.schedule!r}, step={self.step_count}, sigma_t={self.sigma_t:.4g}){skipped}")
+                f"schedule={self.schedule!r}, step={self.step_count}, sigma_t={self.sigma_t:.4g})"
+                + _skipped_lines(self.skipped))
 
 
 def _split_lora_layers(peft_model: torch.nn.Module) -> tuple[dict[str, LoraLayer], dict[str, str]]:
@@ -240,7 +244,7 @@ def apply_flat_lora(peft_model: torch.nn.Module, config: FlatLoraConfig | None =
     for layer in layers.values():
         layer.flat_lora_controlled = True
     logger.info("Flat-LoRA adopted %d LoRA layers and skipped %d%s", len(layers), len(skipped),
-                "".join(f"\n  skipped {name}: {reason}" for name, reason in skipped.items()))
+                _skipped_lines(skipped))
     if skipped:
         warnings.warn(f"{len(skipped)} LoRA layers will train WITHOUT Flat-LoRA noise (pass strict=True to make "
                       "this an error): " + "; ".join(f"{name} ({reason})" for name, reason in skipped.items()),
