@@ -8,6 +8,7 @@ import torch
 
 from . import checks
 from .backends import get_backend
+from .distributed import is_dtensor, sharded_merged_row_norms
 from .noise import check_seed, seed_from_int64, seed_to_int64
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,12 +71,17 @@ def merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     """``||W[i, :] + scaling * B[i, :] @ A||_2`` for every row, float32 ``(m,)``, never forming ``B @ A``.
 
     ``weight`` is the logical ``(out_features, in_features)`` matrix (a transposed view is fine).
-    Not differentiable: it is a statistic of the current weights.
+    A sharded ``DTensor`` weight (FSDP2, tensor parallelism) is reduced across its mesh without
+    being gathered (:mod:`flatlora_kernels.distributed`). Not differentiable: it is a statistic of
+    the current weights.
     """
     _check_lora(weight, lora_A, lora_B)
     scaling = checks.finite_real("scaling", scaling)
+    row_norms = get_backend(weight.device).row_norms
     with torch.no_grad():
-        return get_backend(weight.device).row_norms(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+        if is_dtensor(weight):
+            return sharded_merged_row_norms(weight.detach(), lora_A.detach(), lora_B.detach(), scaling, row_norms)
+        return row_norms(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
 
 
 @torch.library.custom_op("flatlora::perturbed_matmul", mutates_args=())

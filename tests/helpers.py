@@ -43,3 +43,34 @@ def float64_flat_lora(x, weight, bias, lora_A, lora_B, scaling, seed, row_std, k
     if bias64 is not None:
         y = y + bias64
     return y, (x64, a64, b64, bias64)
+
+
+def run_processes(worker, args: tuple, world: int, deadline_s: float) -> None:
+    """Run ``worker(rank, *args)`` in ``world`` spawned processes; a hang or crash fails the test.
+
+    Workers join with ``join_process_group`` (loopback only, bounded collective timeouts).
+    """
+    import datetime
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=deadline_s)
+    while not ctx.join(timeout=2):
+        if datetime.datetime.now() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the {world}-process run did not finish within {deadline_s} s")
+
+
+def join_process_group(rank: int, world: int, init_file: str, backend: str = "gloo") -> None:
+    """Join a process group over loopback only, with collectives that time out instead of hanging."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over loopback only, never the host's other interfaces
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))

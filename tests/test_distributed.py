@@ -1,15 +1,14 @@
 """A real two-process DDP run (gloo on the CPU; NCCL when CUDA is present)."""
 
-import datetime
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flatlora_kernels import apply_flat_lora
 
+from .helpers import join_process_group, run_processes
 from .models import VOCAB, peft_family
 
 WORLD = 2
@@ -19,9 +18,7 @@ DEADLINE_S = 240  # the whole run; a hung collective fails the test instead of s
 
 def _worker(rank, init_file, per_rank_noise, out_dir):
     use_cuda = torch.cuda.device_count() >= WORLD
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over loopback only, never the host's other interfaces
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    join_process_group(rank, WORLD, init_file, backend="nccl" if use_cuda else "gloo")
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     model, _ = peft_family("llama")  # identical initial weights on every rank
     model.to(device)
@@ -44,14 +41,7 @@ def _worker(rank, init_file, per_rank_noise, out_dir):
 
 @pytest.mark.parametrize("per_rank_noise", [True, False])
 def test_ddp_two_processes(tmp_path, per_rank_noise):
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), per_rank_noise, str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
-    while not ctx.join(timeout=2):
-        if datetime.datetime.now() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the two-process DDP run did not finish within {DEADLINE_S} s")
+    run_processes(_worker, (str(tmp_path / "init"), per_rank_noise, str(tmp_path)), WORLD, DEADLINE_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     a, b = (r["adapters"] for r in results)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "adapters differ across ranks"

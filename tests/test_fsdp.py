@@ -1,0 +1,108 @@
+"""Flat-LoRA on FSDP2 (``fully_shard``): two processes on gloo against one process without FSDP."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+
+from flatlora_kernels import apply_flat_lora
+from flatlora_kernels.noise import layer_seed
+
+from .helpers import join_process_group, run_processes
+from .models import VOCAB, llama, peft_family
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+
+WORLD = 2
+STEPS = 2
+SIGMA, SEED, LR = 0.2, 3, 1e-2
+DEADLINE_S = 240
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _worker(rank, init_file, per_rank_noise, reshard, out_dir):
+    join_process_group(rank, WORLD, init_file)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model, _ = peft_family("llama")  # identical initial weights on every rank
+    for layer in model.base_model.model.model.layers:
+        fsdp.fully_shard(layer, reshard_after_forward=reshard)
+    fsdp.fully_shard(model, reshard_after_forward=reshard)
+    # applied to the sharded model: the first sample's filter norms come from DTensor shards
+    ctl = apply_flat_lora(model, sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=per_rank_noise)
+    opt = torch.optim.SGD(_trainable(model), lr=LR)
+    losses, grads = [], None
+    for step in range(STEPS):
+        ids = _batch(rank, step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        if step == 0:
+            grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=full)
+    torch.save({"losses": losses, "grads": grads, "row_std": [c.clone() for c in
+                (layer.noise_row_std for layer in ctl.layers.values())]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _single_process_reference(per_rank_noise):
+    """The same run on one process: rank r's batch under rank r's noise, gradients averaged as FSDP does."""
+    model, _ = peft_family("llama")
+    ctl = apply_flat_lora(model, sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=per_rank_noise)
+    opt = torch.optim.SGD(_trainable(model), lr=LR)
+    losses, grads, row_std = [[] for _ in range(WORLD)], None, None
+    for step in range(STEPS):
+        for rank in range(WORLD):
+            for k, layer in enumerate(ctl.layers.values()):
+                layer.sample_noise(layer_seed(SEED, step, k, rank + 1 if per_rank_noise else 0), SIGMA)
+            ids = _batch(rank, step)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / WORLD).backward()
+            losses[rank].append(loss.item())
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+        row_std = [layer.noise_row_std.clone() for layer in ctl.layers.values()]
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, grads, row_std, adapters
+
+
+@pytest.mark.parametrize("per_rank_noise,reshard", [(True, True), (False, False)])
+def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_noise, reshard):
+    run_processes(_worker, (str(tmp_path / "init"), per_rank_noise, reshard, str(tmp_path)), WORLD, DEADLINE_S)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    losses, grads, row_std, adapters = _single_process_reference(per_rank_noise)
+    for rank, result in enumerate(results):
+        assert result["losses"] == pytest.approx(losses[rank], rel=1e-5), f"rank {rank} losses"
+        # the filter norms reduced from shards equal those of the whole weights
+        for got, want in zip(result["row_std"], row_std):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        for name, grad in result["grads"].items():
+            torch.testing.assert_close(grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    if per_rank_noise:  # the noise differs across ranks, so the losses on equal data would too
+        assert results[0]["losses"] != results[1]["losses"]
+
+    # the checkpoint is a plain PEFT adapter: plain PEFT loads it onto a fresh base model
+    base, *_ = llama()
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    lora = {name: param for name, param in loaded.named_parameters() if "lora_" in name}
+    assert lora.keys() == adapters.keys()
+    for name, param in lora.items():
+        torch.testing.assert_close(param, adapters[name], rtol=1e-4, atol=1e-6, msg=name)
