@@ -29,16 +29,19 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _worker(rank, init_file, per_rank_noise, reshard, out_dir):
+def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
     join_process_group(rank, WORLD, init_file)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     model, _ = peft_family("llama")  # identical initial weights on every rank
+    config = dict(sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=per_rank_noise)
+    ctl = apply_flat_lora(model, **config) if apply_first else None
     for layer in model.base_model.model.model.layers:
         fsdp.fully_shard(layer, reshard_after_forward=reshard)
     fsdp.fully_shard(model, reshard_after_forward=reshard)
-    # applied to the sharded model: the first sample's filter norms come from DTensor shards
-    ctl = apply_flat_lora(model, sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=per_rank_noise)
+    # applied to the sharded model, the first sample's filter norms come from DTensor shards (and
+    # applied first, every later sample's do)
+    ctl = ctl or apply_flat_lora(model, **config)
     opt = torch.optim.SGD(_trainable(model), lr=LR)
     losses, grads = [], None
     for step in range(STEPS):
@@ -84,9 +87,10 @@ def _single_process_reference(per_rank_noise):
     return losses, grads, row_std, adapters
 
 
-@pytest.mark.parametrize("per_rank_noise,reshard", [(True, True), (False, False)])
-def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_noise, reshard):
-    run_processes(_worker, (str(tmp_path / "init"), per_rank_noise, reshard, str(tmp_path)), WORLD, DEADLINE_S)
+@pytest.mark.parametrize("per_rank_noise,reshard,apply_first", [(True, True, False), (False, False, True)])
+def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_noise, reshard, apply_first):
+    run_processes(_worker, (str(tmp_path / "init"), per_rank_noise, reshard, apply_first, str(tmp_path)), WORLD,
+                  DEADLINE_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     losses, grads, row_std, adapters = _single_process_reference(per_rank_noise)
     for rank, result in enumerate(results):
