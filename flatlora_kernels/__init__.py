@@ -3,7 +3,8 @@
 Public API:
 
 * :func:`generate_noise`, :func:`merged_row_norms`, :func:`flat_lora_linear` (functional);
-* :class:`FlatLoraLinear`, a drop-in subclass of PEFT's LoRA ``Linear``;
+* :class:`FlatLoraLinear`, a drop-in subclass of PEFT's LoRA ``Linear`` (``FlatLoraLinear4bit`` for
+  QLoRA's ``lora.bnb.Linear4bit`` where bitsandbytes is installed);
 * :func:`apply_flat_lora` (takes a :class:`FlatLoraConfig` or its fields, returns a :class:`FlatLora`
   controller), :func:`register_flat_lora` and :class:`FlatLoraCallback` (``transformers.Trainer``)
   to train with it;
@@ -29,6 +30,12 @@ def __getattr__(name):
         from .trainer import FlatLoraCallback
 
         return FlatLoraCallback
+    if name == "FlatLoraLinear4bit":  # exists where bitsandbytes does (pip install flatlora-kernels[qlora])
+        from . import layer
+
+        if layer.LoraLinear4bit is None:
+            raise AttributeError("FlatLoraLinear4bit needs bitsandbytes: pip install flatlora-kernels[qlora]")
+        return layer.FlatLoraLinear4bit
     if name == "flatness":
         import importlib
 

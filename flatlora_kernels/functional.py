@@ -6,10 +6,11 @@ from typing import Optional
 
 import torch
 
-from . import checks
+from . import checks, reference
 from .backends import get_backend
 from .distributed import is_dtensor, sharded_merged_row_norms
 from .noise import check_seed, seed_from_int64, seed_to_int64
+from .quant4bit import PackedWeight4bit
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -21,8 +22,11 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
 
 
-def _check_lora(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+def _check_lora(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    tensors = (("lora_A", lora_A), ("lora_B", lora_B))
+    if not isinstance(weight, PackedWeight4bit):
+        tensors = (("weight", weight),) + tensors
+    for name, t in tensors:
         _check_float(name, t)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
@@ -66,22 +70,25 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
     return get_backend(device).noise(seed, out_features, in_features, device)
 
 
-def merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
                      scaling: float) -> torch.Tensor:
     """``||W[i, :] + scaling * B[i, :] @ A||_2`` for every row, float32 ``(m,)``, never forming ``B @ A``.
 
     ``weight`` is the logical ``(out_features, in_features)`` matrix (a transposed view is fine).
     A sharded ``DTensor`` weight (FSDP2, tensor parallelism) is reduced across its mesh without
-    being gathered (:mod:`flatlora_kernels.distributed`). Not differentiable: it is a statistic of
-    the current weights.
+    being gathered (:mod:`flatlora_kernels.distributed`); a 4-bit base is read a block of rows at a
+    time. Not differentiable: it is a statistic of the current weights.
     """
     _check_lora(weight, lora_A, lora_B)
     scaling = checks.finite_real("scaling", scaling)
-    row_norms = get_backend(weight.device).row_norms
+    lora_A, lora_B = lora_A.detach(), lora_B.detach()
     with torch.no_grad():
+        if isinstance(weight, PackedWeight4bit):
+            return reference.merged_row_norms(weight, lora_A, lora_B, scaling)
+        row_norms = get_backend(weight.device).row_norms
         if is_dtensor(weight):
-            return sharded_merged_row_norms(weight.detach(), lora_A.detach(), lora_B.detach(), scaling, row_norms)
-        return row_norms(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+            return sharded_merged_row_norms(weight.detach(), lora_A, lora_B, scaling, row_norms)
+        return row_norms(weight.detach(), lora_A, lora_B, scaling)
 
 
 @torch.library.custom_op("flatlora::perturbed_matmul", mutates_args=())
@@ -104,6 +111,18 @@ def _perturbed_matmul_fake(a, weight, transpose_weight, seed, row_std, bias, lor
     return a.new_empty((a.shape[0], weight.shape[0] if transpose_weight else weight.shape[1]), dtype=out_dtype)
 
 
+def _perturbed_matmul(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling, keep,
+                      keep_scale, out_dtype):
+    """The registered op for a dense weight; a 4-bit base takes the reference's row-block path."""
+    if isinstance(weight, PackedWeight4bit):
+        return reference.perturbed_matmul(
+            a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
+            lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
+            out_dtype=out_dtype)
+    return perturbed_matmul_op(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
+                               keep, keep_scale, out_dtype)
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -114,7 +133,8 @@ class FlatLoraLinearFunction(torch.autograd.Function):
     """``y = x (W + diag(c) Z)^T + bias + s * (dropout(x) A^T) B^T`` on 2-D ``x``.
 
     Saves ``x``, the small ``(tokens, r)`` LoRA activation, the dropout mask and references to
-    the parameters: nothing of size ``out_features x in_features``.
+    the parameters: nothing of size ``out_features x in_features``. ``W`` may be a 4-bit base
+    (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`), dequantized a block of rows at a time.
     """
 
     @staticmethod
@@ -127,15 +147,19 @@ class FlatLoraLinearFunction(torch.autograd.Function):
             keep = torch.rand(x.shape, device=x.device) >= dropout_p
             x_lora = x_lora * keep * (1.0 / (1.0 - dropout_p))
         lora_hidden = x_lora @ lora_A.to(lora_dtype).t()
-        y = perturbed_matmul_op(x, weight, True, seed, row_std, bias, lora_hidden, lora_B.t(), scaling,
-                                None, 1.0, compute_dtype)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, row_std, keep, lora_hidden)
+        y = _perturbed_matmul(x, weight, True, seed, row_std, bias, lora_hidden, lora_B.t(), scaling,
+                              None, 1.0, compute_dtype)
+        packed = isinstance(weight, PackedWeight4bit)
+        ctx.packed_weight = weight if packed else None  # not a tensor: kept by reference, like a parameter
+        ctx.save_for_backward(x, None if packed else weight, lora_A, lora_B, row_std, keep, lora_hidden)
         ctx.config = (scaling, seed, dropout_p, compute_dtype, lora_dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, row_std, keep, lora_hidden = ctx.saved_tensors
+        if ctx.packed_weight is not None:
+            weight = ctx.packed_weight
         scaling, seed, dropout_p, compute_dtype, lora_dtype, bias_dtype = ctx.config
         keep_scale = 1.0 / (1.0 - dropout_p)
         with torch.autocast(x.device.type, enabled=False):
@@ -143,8 +167,8 @@ class FlatLoraLinearFunction(torch.autograd.Function):
             grad_hidden = grad_lora @ lora_B.to(lora_dtype)  # dL/d(x_lora A^T) / scaling
             grad_x = grad_A = grad_B = grad_bias = None
             if ctx.needs_input_grad[0]:
-                grad_x = perturbed_matmul_op(grad_y, weight, False, seed, row_std, None, grad_hidden, lora_A,
-                                             scaling, keep, keep_scale, compute_dtype).to(x.dtype)
+                grad_x = _perturbed_matmul(grad_y, weight, False, seed, row_std, None, grad_hidden, lora_A,
+                                           scaling, keep, keep_scale, compute_dtype).to(x.dtype)
             if ctx.needs_input_grad[3]:
                 x_lora = x.to(lora_dtype)
                 if keep is not None:
@@ -157,14 +181,16 @@ class FlatLoraLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None
 
 
-def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, bias: torch.Tensor | None,
                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, seed: int,
                      row_std: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
     """LoRA linear layer evaluated at the perturbed merged weight ``W + diag(row_std) Z(seed) + s·BA``.
 
     Args:
         x: input ``(..., in_features)``.
-        weight: frozen base weight, logical shape ``(out_features, in_features)``; only read.
+        weight: frozen base weight, logical shape ``(out_features, in_features)``; only read. A
+            4-bit base (:meth:`PackedWeight4bit.from_bnb <flatlora_kernels.quant4bit.PackedWeight4bit.from_bnb>`)
+            is dequantized and perturbed a bounded block of rows at a time.
         bias: ``(out_features,)`` or None; gets a gradient if it requires one.
         lora_A, lora_B: ``(r, in_features)`` and ``(out_features, r)``.
         scaling: the LoRA scale ``s``.
@@ -184,7 +210,7 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                              dropout_p=dropout_p)
 
 
-def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, bias: torch.Tensor | None,
                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, seed: int,
                       row_std: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
     """:func:`flat_lora_linear` without reading ``row_std``'s values, for callers inside the package
@@ -197,7 +223,7 @@ def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={n}")
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
-    if weight.requires_grad:
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
         raise ValueError("weight requires grad, but Flat-LoRA keeps the base weight frozen and "
                          "computes no gradient for it; call weight.requires_grad_(False)")
     if bias is not None:

@@ -29,7 +29,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from . import checks
-from .layer import FlatLoraLinear, noise_unsupported_reason
+from .layer import FlatLoraLinear, as_flat_lora, noise_unsupported_reason
 from .noise import check_seed, layer_seed
 
 Schedule = Union[str, Callable[[int, "int | None"], float]]
@@ -205,14 +205,14 @@ def _split_lora_layers(peft_model: torch.nn.Module) -> tuple[dict[str, LoraLayer
 
 def apply_flat_lora(peft_model: torch.nn.Module, config: FlatLoraConfig | None = None, *, strict: bool = False,
                     **options) -> FlatLora:
-    """Swap every PEFT LoRA ``Linear`` of ``peft_model`` for :class:`FlatLoraLinear`, in place.
+    """Swap every PEFT LoRA ``Linear`` of ``peft_model`` for :class:`FlatLoraLinear` (and every 4-bit
+    ``lora.bnb.Linear4bit`` for ``FlatLoraLinear4bit``), in place.
 
     Also adopts layers that are already ``FlatLoraLinear`` (from :func:`register_flat_lora`).
     Returns the controller; call its :meth:`FlatLora.step` after each optimizer step.
 
-    LoRA layers that the fused kernels cannot perturb (``Embedding``/``Conv`` LoRA, quantized
-    bases such as bitsandbytes ``Linear4bit``, DoRA and other variants, ``lora_bias``, subclasses
-    of PEFT's ``Linear``) would train without noise: they are listed in the controller's
+    LoRA layers that Flat-LoRA cannot perturb (``Embedding``/``Conv`` LoRA, 8-bit and other quantized
+    bases, DoRA and other variants, ``lora_bias``, subclasses of PEFT's ``Linear``) would train without noise: they are listed in the controller's
     ``skipped`` and ``repr``, logged, and named in a warning; with ``strict=True`` they are an error.
 
     Args:
@@ -238,8 +238,7 @@ def apply_flat_lora(peft_model: torch.nn.Module, config: FlatLoraConfig | None =
         raise ValueError("the model has no PEFT LoRA Linear layers" + found + ": wrap it with peft.get_peft_model "
                          "(or load an adapter with PeftModel.from_pretrained) first")
     config.require_total_steps()  # before any layer changes class
-    layers = {name: module if isinstance(module, FlatLoraLinear) else FlatLoraLinear.from_lora_linear(module)
-              for name, module in layers.items()}
+    layers = {name: as_flat_lora(module) for name, module in layers.items()}
     controller = FlatLora(layers, config, skipped)
     for layer in layers.values():
         layer.flat_lora_controlled = True

@@ -1,4 +1,5 @@
-"""``FlatLoraLinear``: PEFT's LoRA ``Linear`` with the Flat-LoRA perturbation in its forward pass."""
+"""``FlatLoraLinear`` (and ``FlatLoraLinear4bit``): PEFT's LoRA layers with the Flat-LoRA perturbation in
+their forward pass."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from peft.tuners.lora import Linear as LoraLinear
 from . import checks
 from .functional import SUPPORTED_DTYPES, _flat_lora_linear, check_row_std, merged_row_norms
 from .noise import check_seed
+from .quant4bit import CODEBOOKS, PackedWeight4bit, is_4bit_weight
+
+try:  # PEFT defines its 4-bit LoRA layer only where bitsandbytes is installed
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+except ImportError:
+    LoraLinear4bit = None
 
 
 def logical_weight(layer: LoraLinear) -> torch.Tensor:
@@ -22,7 +29,7 @@ def logical_weight(layer: LoraLinear) -> torch.Tensor:
     return weight.t() if layer.fan_in_fan_out else weight
 
 
-def _adapter_unsupported_reason(layer: LoraLinear, adapter: str) -> str | None:
+def _adapter_unsupported_reason(layer: torch.nn.Module, adapter: str) -> str | None:
     if adapter in getattr(layer, "lora_variant", {}):
         return (f"adapter {adapter!r} uses the {type(layer.lora_variant[adapter]).__name__} variant (e.g. DoRA); "
                 "Flat-LoRA noise supports vanilla LoRA only")
@@ -31,20 +38,37 @@ def _adapter_unsupported_reason(layer: LoraLinear, adapter: str) -> str | None:
     return None
 
 
+def _base_weight_reason(layer: torch.nn.Module) -> str | None:
+    weight = layer.get_base_layer().weight
+    base = type(layer.get_base_layer()).__name__
+    if LoraLinear4bit is not None and isinstance(layer, LoraLinear4bit):
+        state = getattr(weight, "quant_state", None)
+        if not is_4bit_weight(weight) or state.quant_type not in CODEBOOKS:
+            return (f"its 4-bit base weight ({base}) is not a quantized NF4/FP4 Params4bit "
+                    f"(quant_type {getattr(state, 'quant_type', None)!r})")
+        return None
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in SUPPORTED_DTYPES:
+        return (f"its base weight ({base}) is {getattr(weight, 'dtype', weight)!r}, not a dense "
+                "float32/bfloat16/float16 matrix or a bitsandbytes 4-bit one (8-bit and other quantized "
+                "bases are not supported)")
+    return None
+
+
 def noise_unsupported_reason(layer: torch.nn.Module) -> str | None:
-    """Why the fused Flat-LoRA path cannot drive this PEFT LoRA layer, or None when it can.
+    """Why the Flat-LoRA path cannot drive this PEFT LoRA layer, or None when it can.
 
     It can drive PEFT's ``lora.Linear`` itself (not subclasses, whose forward may differ) over a
-    dense float weight (``nn.Linear`` or GPT-2 ``Conv1D``), with vanilla LoRA adapters.
+    dense float weight (``nn.Linear`` or GPT-2 ``Conv1D``), and PEFT's ``lora.bnb.Linear4bit`` over
+    an NF4/FP4 weight, with vanilla LoRA adapters.
     """
-    if not isinstance(layer, LoraLinear):
-        return "not a LoRA Linear layer; Flat-LoRA perturbs the dense weights of LoRA Linear layers only"
-    if type(layer) not in (LoraLinear, FlatLoraLinear):
-        return "a subclass of peft.tuners.lora.Linear, whose forward Flat-LoRA cannot vouch for"
-    weight = layer.get_base_layer().weight
-    if not isinstance(weight, torch.Tensor) or weight.dtype not in SUPPORTED_DTYPES:
-        return (f"its base weight ({type(layer.get_base_layer()).__name__}) is {getattr(weight, 'dtype', weight)!r}, "
-                "not a dense float32/bfloat16/float16 matrix (quantized bases are not supported)")
+    kind = next((cls for cls in FLAT_LORA_LAYERS if type(layer) in (cls, cls.peft_class)), None)
+    if kind is None:
+        if isinstance(layer, LoraLinear):
+            return "a subclass of peft.tuners.lora.Linear, whose forward Flat-LoRA cannot vouch for"
+        return "not a LoRA Linear layer; Flat-LoRA perturbs the weights of LoRA Linear layers only"
+    reason = _base_weight_reason(layer)
+    if reason is not None:
+        return reason
     for adapter in layer.active_adapters:
         reason = _adapter_unsupported_reason(layer, adapter)
         if reason is not None:
@@ -52,42 +76,33 @@ def noise_unsupported_reason(layer: torch.nn.Module) -> str | None:
     return None
 
 
-class FlatLoraLinear(LoraLinear):
-    """Drop-in replacement for ``peft.tuners.lora.Linear`` that trains under Flat-LoRA noise.
+class _FlatLoraNoise:
+    """The noise state and the perturbed forward, shared by the dense and the 4-bit layer.
 
-    Only ``forward`` differs from PEFT: parameters, state-dict keys, ``merge``/``unmerge`` and
-    ``merge_and_unload`` are PEFT's own, and the noise is never merged. The noise state (the
-    layer's seed and the per-row std ``c``) lives in plain attributes, outside the state dict.
-
-    While a sample is active (:meth:`sample_noise`) and the module is in training mode, the
-    forward pass computes ``x (W + diag(c) Z(seed))^T + bias + s * B A dropout(x)`` with fused
-    kernels; in eval mode, with no sample, with disabled adapters or a merged adapter, it is
-    exactly PEFT's LoRA forward.
+    A subclass names the PEFT layer it replaces (``peft_class``) and how its frozen weight enters
+    the fused op (``_weight_operand``).
     """
 
+    peft_class: type
+    peft_name: str  # how users know the class it replaces
     noise_seed: int | None
     noise_row_std: torch.Tensor | None
-
-    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        super().__init__(base_layer, adapter_name, *args, **kwargs)
-        if type(self.get_base_layer()).__name__ == "Conv1D" and not self.fan_in_fan_out:
-            raise ValueError("a Conv1D base layer stores its weight as (in, out): set fan_in_fan_out=True "
-                             "in the LoraConfig, as plain PEFT expects")
-        self._reset_noise_state()
 
     def _reset_noise_state(self) -> None:
         self.noise_seed = None
         self.noise_row_std = None
 
     @classmethod
-    def from_lora_linear(cls, layer: LoraLinear) -> "FlatLoraLinear":
-        """Turn an existing PEFT LoRA ``Linear`` into a ``FlatLoraLinear`` in place (same object,
+    def from_lora_linear(cls, layer: torch.nn.Module):
+        """Turn an existing PEFT layer of ``cls.peft_class`` into this class in place (same object,
         same parameters and hooks) and return it."""
         if isinstance(layer, cls):
-            raise ValueError("layer is already a FlatLoraLinear")
-        if type(layer) is not LoraLinear:
-            raise TypeError(f"expected a peft.tuners.lora.Linear, got {type(layer).__module__}."
-                            f"{type(layer).__qualname__}")
+            raise ValueError(f"layer is already a {cls.__name__}")
+        if type(layer) is not cls.peft_class:
+            raise TypeError(f"expected a {cls.peft_name}, got {type(layer).__module__}.{type(layer).__qualname__}")
+        reason = _base_weight_reason(layer)
+        if reason is not None:
+            raise TypeError(f"cannot train this layer with Flat-LoRA noise: {reason}")
         layer.__class__ = cls
         layer._reset_noise_state()
         return layer
@@ -96,9 +111,8 @@ class FlatLoraLinear(LoraLinear):
     def noise_active(self) -> bool:
         return self.noise_row_std is not None
 
-    def logical_weight(self) -> torch.Tensor:
-        """The frozen base weight as an ``(out_features, in_features)`` view (see :func:`logical_weight`)."""
-        return logical_weight(self)
+    def _weight_operand(self):
+        raise NotImplementedError
 
     def _noise_adapter(self) -> str:
         """The single vanilla LoRA adapter that noise applies to, or a clear error."""
@@ -123,7 +137,7 @@ class FlatLoraLinear(LoraLinear):
             self._reset_noise_state()
             return
         adapter = self._noise_adapter()
-        weight = self.logical_weight()
+        weight = self._weight_operand()
         norms = merged_row_norms(weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                  self.scaling[adapter])
         row_std = norms * (sigma / math.sqrt(weight.shape[1]))
@@ -141,10 +155,10 @@ class FlatLoraLinear(LoraLinear):
         if kwargs.get("adapter_names") is not None:
             raise ValueError("mixed-adapter batches (adapter_names=...) cannot be trained with Flat-LoRA noise")
         if args or any(v is not None for v in kwargs.values()):
-            raise TypeError(f"FlatLoraLinear got extra forward arguments it cannot pass on: "
+            raise TypeError(f"{type(self).__name__} got extra forward arguments it cannot pass on: "
                             f"{len(args)} positional, keywords {sorted(kwargs)}")
         adapter = self._noise_adapter()
-        weight = self.logical_weight()
+        weight = self._weight_operand()
         dropout = self.lora_dropout[adapter]
         dropout_p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
         row_std = self.noise_row_std
@@ -157,3 +171,65 @@ class FlatLoraLinear(LoraLinear):
 
     def __repr__(self) -> str:
         return "flatlora." + super().__repr__().removeprefix("lora.")
+
+
+class FlatLoraLinear(_FlatLoraNoise, LoraLinear):
+    """Drop-in replacement for ``peft.tuners.lora.Linear`` that trains under Flat-LoRA noise.
+
+    Only ``forward`` differs from PEFT: parameters, state-dict keys, ``merge``/``unmerge`` and
+    ``merge_and_unload`` are PEFT's own, and the noise is never merged. The noise state (the
+    layer's seed and the per-row std ``c``) lives in plain attributes, outside the state dict.
+
+    While a sample is active (:meth:`sample_noise`) and the module is in training mode, the
+    forward pass computes ``x (W + diag(c) Z(seed))^T + bias + s * B A dropout(x)`` with fused
+    kernels; in eval mode, with no sample, with disabled adapters or a merged adapter, it is
+    exactly PEFT's LoRA forward.
+    """
+
+    peft_class = LoraLinear
+    peft_name = "peft.tuners.lora.Linear"
+
+    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, *args, **kwargs)
+        if type(self.get_base_layer()).__name__ == "Conv1D" and not self.fan_in_fan_out:
+            raise ValueError("a Conv1D base layer stores its weight as (in, out): set fan_in_fan_out=True "
+                             "in the LoraConfig, as plain PEFT expects")
+        self._reset_noise_state()
+
+    def logical_weight(self) -> torch.Tensor:
+        """The frozen base weight as an ``(out_features, in_features)`` view (see :func:`logical_weight`)."""
+        return logical_weight(self)
+
+    _weight_operand = logical_weight
+
+
+FLAT_LORA_LAYERS: tuple[type, ...] = (FlatLoraLinear,)
+
+if LoraLinear4bit is not None:
+    class FlatLoraLinear4bit(_FlatLoraNoise, LoraLinear4bit):
+        """Drop-in replacement for PEFT's ``lora.bnb.Linear4bit`` (QLoRA) that trains under Flat-LoRA noise.
+
+        The perturbed weight is ``dequant(W4) + diag(c) Z``: the packed NF4/FP4 codes are read and
+        dequantized a bounded block of rows at a time, the noise added there, and nothing of size
+        ``out x in`` is stored; the packed weight is only read. The filter norms ``c`` come from the
+        dequantized weight the same way. Otherwise as :class:`FlatLoraLinear`.
+        """
+
+        peft_class = LoraLinear4bit
+        peft_name = "peft.tuners.lora.bnb.Linear4bit"
+
+        def _weight_operand(self) -> PackedWeight4bit:
+            return PackedWeight4bit.from_bnb(self.get_base_layer().weight)
+
+    FLAT_LORA_LAYERS += (FlatLoraLinear4bit,)
+
+
+def as_flat_lora(layer: torch.nn.Module) -> _FlatLoraNoise:
+    """The Flat-LoRA layer for a PEFT LoRA layer :func:`noise_unsupported_reason` accepts: converted in
+    place, or returned as is when it already is one."""
+    for cls in FLAT_LORA_LAYERS:
+        if type(layer) is cls:
+            return layer
+        if type(layer) is cls.peft_class:
+            return cls.from_lora_linear(layer)
+    raise TypeError(f"{type(layer).__qualname__}: {noise_unsupported_reason(layer)}")

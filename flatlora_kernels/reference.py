@@ -3,13 +3,31 @@
 It materialises the noise (a bounded block of rows at a time for the norms, the whole
 matrix for the matmul), so it is slow and memory-hungry, but obviously right. The Triton
 kernels and the native ops are tested against it.
+
+A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`) is the exception: it is
+dequantized and perturbed a bounded block of rows at a time, never whole, since holding the
+dequantized weight is what a 4-bit base exists to avoid. This is the 4-bit path on every device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .noise import reference_noise
+from .noise import reference_noise, reference_noise_block
+from .quant4bit import PackedWeight4bit
+
+BLOCK_ELEMENTS = 2**20  # a 4-bit block of rows holds about this many float32 values
+
+
+def block_rows(in_features: int) -> int:
+    """Rows of a 4-bit weight dequantized at once: ``max(16, 2**20 / in_features)``."""
+    return max(16, BLOCK_ELEMENTS // max(in_features, 1))
+
+
+def _weight_rows(weight: torch.Tensor | PackedWeight4bit, start: int, stop: int) -> torch.Tensor:
+    if isinstance(weight, PackedWeight4bit):
+        return weight.dequantize_rows(start, stop)
+    return weight[start:stop]
 
 
 def perturbed_weight(weight: torch.Tensor, seed: int, row_std: torch.Tensor | None,
@@ -23,7 +41,7 @@ def perturbed_weight(weight: torch.Tensor, seed: int, row_std: torch.Tensor | No
 
 
 def perturbed_matmul(
-    a: torch.Tensor, weight: torch.Tensor, *, transpose_weight: bool, seed: int,
+    a: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, *, transpose_weight: bool, seed: int,
     row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
     lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
     out_dtype: torch.dtype, out: torch.Tensor | None = None,
@@ -35,8 +53,11 @@ def perturbed_matmul(
     ``a`` and ``Wp`` are rounded to ``out_dtype`` and multiplied with float32 accumulation; the
     LoRA term, mask and bias are added in float32; the sum is rounded once to ``out_dtype``.
     """
-    w = perturbed_weight(weight, seed, row_std, out_dtype).float()
-    result = a.to(out_dtype).float() @ (w.t() if transpose_weight else w)
+    if isinstance(weight, PackedWeight4bit):
+        result = _packed_matmul(a.to(out_dtype).float(), weight, transpose_weight, seed, row_std, out_dtype)
+    else:
+        w = perturbed_weight(weight, seed, row_std, out_dtype).float()
+        result = a.to(out_dtype).float() @ (w.t() if transpose_weight else w)
     if lora_left is not None:
         lora = scaling * (lora_left.float() @ lora_right.float())
         if keep is not None:
@@ -50,14 +71,34 @@ def perturbed_matmul(
     return result
 
 
-def merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                      *, out: torch.Tensor | None = None, rows_per_chunk: int = 1024) -> torch.Tensor:
     """``||W[i] + s * B[i] @ A||_2`` in float32, a block of rows at a time."""
     m = weight.shape[0]
     norms = torch.empty(m, dtype=torch.float32, device=weight.device) if out is None else out
     a = lora_A.float()
     for start in range(0, m, rows_per_chunk):
-        rows = slice(start, min(m, start + rows_per_chunk))
-        merged = weight[rows].float() + scaling * (lora_B[rows].float() @ a)
-        norms[rows] = torch.linalg.vector_norm(merged, dim=1)
+        stop = min(m, start + rows_per_chunk)
+        merged = _weight_rows(weight, start, stop).float() + scaling * (lora_B[start:stop].float() @ a)
+        norms[start:stop] = torch.linalg.vector_norm(merged, dim=1)
     return norms
+
+
+def _packed_matmul(a: torch.Tensor, weight: PackedWeight4bit, transpose_weight: bool, seed: int,
+                   row_std: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ op(dequant(W4) + diag(c) Z)`` in float32, the perturbed weight built a block of rows at a time
+    (each row block rounded to ``dtype`` as a whole perturbed weight would be)."""
+    m, n = weight.shape
+    result = a.new_zeros(a.shape[0], m if transpose_weight else n)
+    step = block_rows(n)
+    for start in range(0, m, step):
+        stop = min(m, start + step)
+        w = weight.dequantize_rows(start, stop).float()
+        if row_std is not None:
+            w = w + row_std[start:stop, None].float() * reference_noise_block(seed, start, stop, 0, n, device=a.device)
+        w = w.to(dtype).float()
+        if transpose_weight:
+            result[:, start:stop] = a @ w.t()
+        else:
+            result += a[:, start:stop] @ w
+    return result

@@ -295,17 +295,20 @@ def _mixed_lora_model(kind):
         class MyLoraLinear(lora.Linear):
             pass
         model.other = wrap(MyLoraLinear, torch.nn.Linear(16, 12))
-    else:  # a 4-bit base: PEFT's bnb wrapper, or its plain Linear around a quantized layer
+    elif kind == "8bit":
+        bnb = pytest.importorskip("bitsandbytes")
+        base = bnb.nn.Linear8bitLt(16, 12, bias=False, has_fp16_weights=False).to("cpu")  # quantizes
+        model.other = wrap(lora.bnb.Linear8bitLt, base)
+    else:  # PEFT's plain LoRA Linear around a 4-bit layer (what it builds when not told the model is 4-bit)
         bnb = pytest.importorskip("bitsandbytes")
         base = bnb.nn.Linear4bit(16, 12, bias=False, quant_type="nf4", compute_dtype=torch.float32)
         base.weight = bnb.nn.Params4bit(torch.randn(12, 16), requires_grad=False, quant_type="nf4")
-        base = base.to("cpu")  # quantizes
-        model.other = wrap(lora.bnb.Linear4bit if kind == "4bit" else lora.Linear, base)
+        model.other = wrap(lora.Linear, base.to("cpu"))  # .to quantizes
     return model
 
 
 @pytest.mark.parametrize("kind,reason", [
-    ("embedding", "not a LoRA Linear"), ("4bit", "not a LoRA Linear"), ("4bit-as-linear", "torch.uint8"),
+    ("embedding", "not a LoRA Linear"), ("8bit", "not a LoRA Linear"), ("4bit-as-linear", "torch.uint8"),
     ("dora", "vanilla LoRA only"), ("subclass", "subclass"),
 ])
 def test_lora_layers_that_would_train_without_noise_are_reported(kind, reason, caplog):
