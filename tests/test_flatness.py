@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from flatlora_kernels import flatness
+from flatlora_kernels.flatness.targets import patched_forwards
 
 torch.set_default_dtype(torch.float32)
 
@@ -41,7 +42,7 @@ def exact_hessian_eigenvalues(model, batches):
         def make(i, target):
             bias = target.parts()[1]
             return lambda x, *a, **k: F.linear(x, weights[i], bias)
-        with flatness._patched(targets, make):
+        with patched_forwards(targets, make):
             return sum(mse(model, b) for b in batches) / len(batches)
 
     flat = torch.cat([m.flatten() for m in merged]).requires_grad_()
@@ -100,7 +101,7 @@ def test_surface_at_zero_is_the_plain_loss_and_equals_materialised_directions():
     targets = flatness.merged_targets(model)
     for alpha, (loss,) in zip(surface.alphas, surface.losses):
         weights = [t.merged() + alpha * d for t, d in zip(targets, directions)]
-        with torch.no_grad(), flatness._patched(targets, lambda i, t: (lambda x, *a, **k: F.linear(x, weights[i], t.parts()[1]))):
+        with torch.no_grad(), patched_forwards(targets, lambda i, t: (lambda x, *a, **k: F.linear(x, weights[i], t.parts()[1]))):
             expected = sum(mse(model, b) for b in batches).item() / len(batches)
         assert loss == pytest.approx(expected, rel=1e-5)
     assert surface.losses[0][0] != pytest.approx(plain, rel=1e-3)  # the direction does move the loss
@@ -115,7 +116,7 @@ def test_two_dimensional_surface_equals_materialised():
     model.eval()
     for beta, loss in zip(surface.betas, surface.losses[0]):
         weights = [t.merged() + 0.2 * a + beta * b for t, a, b in zip(targets, d1, d2)]
-        with torch.no_grad(), flatness._patched(targets, lambda i, t: (lambda x, *a, **k: F.linear(x, weights[i], t.parts()[1]))):
+        with torch.no_grad(), patched_forwards(targets, lambda i, t: (lambda x, *a, **k: F.linear(x, weights[i], t.parts()[1]))):
             expected = sum(mse(model, b) for b in batches).item() / len(batches)
         assert loss == pytest.approx(expected, rel=1e-5)
 
@@ -224,3 +225,26 @@ def test_command_line_on_saved_adapters(tmp_path):
     assert {"a", "b", "plane"} <= report.keys()
     for name in ("surface1d.png", "density.png", "plane.png", "surface2d-a.png"):
         assert (tmp_path / "out" / name).exists()
+
+
+def test_importing_the_toolkit_loads_no_plotting_or_command_line_code():
+    """matplotlib is imported only when a figure is drawn, the argument parser only by ``-m``."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, flatlora_kernels.flatness as f; f.top_eigenvalues; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' "
+            "or m == 'flatlora_kernels.flatness.__main__'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+    assert callable(flatness.main)  # still there, loaded on first access
+    library = [p for p in Path(flatness.__file__).parent.glob("*.py") if p.name != "__main__.py"]
+    assert {p.stem for p in library} == {"__init__", "targets", "curvature", "surfaces", "plots"}
+    for path in library:
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+        assert "argparse" not in imported, path.name
