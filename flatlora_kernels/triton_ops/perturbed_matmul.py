@@ -14,6 +14,8 @@ dtype, then fed to ``tl.dot``. W is never written and no noise reaches memory.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -106,19 +108,80 @@ def _perturbed_matmul_kernel(
              round_to(acc, compute_dtype, MANUAL_BF16_ROUNDING), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _block_sizes(dtype: torch.dtype) -> dict:
-    if INTERPRETER:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+class MatmulConfigTable:
+    """Launch configurations of the perturbed matmul, chosen per (dtype, shape class, token class).
+
+    * dtype class: "fp32" or "16bit" (bf16/fp16);
+    * shape class: "narrow" when the output has fewer than 128 columns, else "wide";
+    * token class: "decode" for at most 64 token rows, else "bulk".
+
+    ``configs`` maps a name to block sizes and launch options; ``entries`` maps each class triple to
+    a name. Under the interpreter every launch uses the small "interpreter" blocks unless a test
+    forces a table entry with :meth:`force` (so each GPU configuration also runs on the CPU).
+    """
+
+    CLASSES = [(d, s, t) for d in ("fp32", "16bit") for s in ("narrow", "wide") for t in ("decode", "bulk")]
+
+    def __init__(self, configs: dict[str, dict], entries: dict[tuple[str, str, str], str]):
+        missing = [key for key in self.CLASSES if key not in entries]
+        if missing:
+            raise ValueError(f"configuration table has no entry for {missing}")
+        self.configs = configs
+        self.entries = entries
+        self._forced: str | None = None
+
+    @staticmethod
+    def classify(dtype: torch.dtype, tokens: int, out_columns: int) -> tuple[str, str, str]:
+        return ("fp32" if dtype == torch.float32 else "16bit", "narrow" if out_columns < 128 else "wide",
+                "decode" if tokens <= 64 else "bulk")
+
+    def select(self, dtype: torch.dtype, tokens: int, out_columns: int) -> tuple[str, dict]:
+        if self._forced is not None:
+            return self._forced, self.configs[self._forced]
+        if INTERPRETER:
+            return "interpreter", INTERPRETER_CONFIG
+        name = self.entries[self.classify(dtype, tokens, out_columns)]
+        return name, self.configs[name]
+
+    def distinct(self, dtype: torch.dtype) -> list[tuple[str, dict]]:
+        """The configurations a GPU can launch for ``dtype``, each once."""
+        dtype_class = "fp32" if dtype == torch.float32 else "16bit"
+        names = dict.fromkeys(name for key, name in self.entries.items() if key[0] == dtype_class)
+        return [(name, self.configs[name]) for name in names]
+
+    @contextlib.contextmanager
+    def force(self, name: str):
+        """Test-only: launch every perturbed matmul with configuration ``name``, interpreter included."""
+        if name not in self.configs:
+            raise KeyError(f"no configuration named {name!r}; known: {sorted(self.configs)}")
+        previous, self._forced = self._forced, name
+        try:
+            yield self.configs[name]
+        finally:
+            self._forced = previous
+
+
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
+MATMUL_CONFIGS = MatmulConfigTable(
+    configs={
+        "fp32": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+        "16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    },
+    entries={key: key[0] for key in MatmulConfigTable.CLASSES},
+)
+
+
+def launch_options(config: dict) -> tuple[dict, dict]:
+    """Split a configuration into kernel block sizes and launch options (num_warps, num_stages)."""
+    blocks = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    return blocks, {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
 
 
 def perturbed_matmul_triton(
     a: torch.Tensor, weight: torch.Tensor, *, transpose_weight: bool, seed: int,
     row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
     lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
-    out_dtype: torch.dtype, out: torch.Tensor | None = None, block_sizes: dict | None = None,
+    out_dtype: torch.dtype, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel; the semantics are those of :func:`flatlora_kernels.reference.perturbed_matmul`."""
     seed_lo, seed_hi = contract.split_seed(seed)
@@ -138,7 +201,7 @@ def perturbed_matmul_triton(
     left = lora_left if has_lora else unused
     right = lora_right if has_lora else unused
     keep_t = keep if keep is not None else unused
-    cfg = dict(block_sizes or _block_sizes(out_dtype))
+    cfg = dict(MATMUL_CONFIGS.select(out_dtype, M, N)[1])
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _perturbed_matmul_kernel[grid](
         a, weight, row_std if row_std is not None else unused, bias if bias is not None else unused,
