@@ -35,6 +35,15 @@ Definition
 5. **Tails.** Because ``u >= 2**-24``, ``|Z| <= sqrt(48 ln 2) ~= 5.768``: the tail beyond that
    (probability ~8e-9 per draw) is cut off, nothing else is clipped.
 
+**Hardware approximations.** The fused bf16/fp16 kernels on a GPU evaluate ``ln``, ``sin`` and
+``cos`` with the SFU instructions ``lg2/sin/cos.approx.ftz.f32`` (no range reduction: theta is in
+(-pi, pi) by construction). Everything else (Philox words, uniforms, ``2u - 1``, ``theta``) stays
+bit-exact, so Z moves by at most ``FAST_NOISE_ATOL``: about 1e-6 typically, most where the radius is
+smallest (u near 1, where an absolute error of ~2**-22 in ``lg2`` is a large relative error in
+``r**2``; at the smallest radius, 3.5e-4, it moves r by up to ~5e-4). That perturbation is 16 times
+below one bf16 rounding step of a unit-scale weight. float32 kernels, ``generate_noise`` and the
+interpreter keep the precise functions.
+
 The perturbation of a layer is ``eps = diag(c) Z`` with ``c`` the ``(m,)`` float32 vector of
 row standard deviations; ``Z`` is only ever regenerated, never stored by the fused paths.
 """
@@ -54,6 +63,8 @@ NORMALS_PER_CALL = 4
 SEED_LIMIT = 2**64
 # Largest |Z| the contract can produce: the Box-Muller radius at u = 2**-24.
 MAX_ABS_NORMAL = math.sqrt(-2.0 * math.log(2.0**-24))
+# How far the hardware-approximation path (fused 16-bit kernels on a GPU) may move Z; see above.
+FAST_NOISE_ATOL = 1e-3
 
 _MASK32 = 0xFFFFFFFF
 

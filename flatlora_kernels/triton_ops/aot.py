@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .noise import _write_noise_kernel
-from .perturbed_matmul import MATMUL_CONFIGS, _perturbed_matmul_kernel, launch_options
+from .perturbed_matmul import MATMUL_CONFIGS, _perturbed_matmul_kernel, fast_noise, launch_options
 from .row_norms import _merged_row_norms_kernel
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -43,6 +43,7 @@ class Variant:
     noise_tile: tuple[int, int] | None = None
     token_tile: int | None = None
     config: str = ""
+    divisible_by_16: tuple[str, ...] = ()
 
     @property
     def num_warps(self) -> int:
@@ -58,12 +59,20 @@ def _matmul_types(dtype: torch.dtype) -> dict:
         **{name: "i64" for name in _perturbed_matmul_kernel.arg_names if name.startswith("stride_")}}
 
 
+# What Triton specialises at launch for the usual case (contiguous row-major x, W, dY and output;
+# feature sizes and pointers multiples of 16): unit strides become constants, the rest get a
+# divisibility hint. Without this the compiled loop would use scalar loads a GPU never runs.
+UNIT_STRIDES = ("stride_ak", "stride_wj", "stride_on", "stride_kn")
+DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "row_std_ptr", "bias_ptr", "left_ptr", "right_ptr", "keep_ptr", "out_ptr",
+                   "N", "K", "stride_am", "stride_wi", "stride_om", "stride_km")
+
+
 def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: dict) -> Variant:
     """The perturbed matmul as launched on a GPU for one table entry (see ``MATMUL_CONFIGS``)."""
     blocks, options = launch_options(config)
-    constexprs = dict(W_ROWS_ARE_N=forward, HAS_NOISE=True, HAS_BIAS=forward, HAS_LORA=True,
+    constexprs = dict(**dict.fromkeys(UNIT_STRIDES, 1),W_ROWS_ARE_N=forward, HAS_NOISE=True, HAS_BIAS=forward, HAS_LORA=True,
                       HAS_KEEP=not forward, UPCAST_DOT=False, MANUAL_BF16_ROUNDING=False,
-                      FP32_PRECISION="tf32", FAST_NOISE=dtype != torch.float32, BLOCK_R=16, **blocks)
+                      FP32_PRECISION="tf32", FAST_NOISE=fast_noise(dtype), BLOCK_R=16, **blocks)
     constexprs = {k: v for k, v in constexprs.items() if k in _perturbed_matmul_kernel.arg_names}
     noise_rows, noise_cols = ((blocks["BLOCK_N"], blocks["BLOCK_K"]) if forward
                               else (blocks["BLOCK_K"], blocks["BLOCK_N"]))
@@ -71,7 +80,7 @@ def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: 
     return Variant(f"perturbed_matmul {direction} {str(dtype).replace('torch.', '')} {config_name}",
                    _perturbed_matmul_kernel, _matmul_types(dtype), constexprs, options, role=direction,
                    dtype=dtype, noise_tile=(noise_rows, noise_cols), token_tile=blocks["BLOCK_M"],
-                   config=config_name)
+                   config=config_name, divisible_by_16=DIVISIBLE_BY_16)
 
 
 def variants() -> list[Variant]:
@@ -99,5 +108,6 @@ def compile_variant(variant: Variant, arch: int = 90):
     """``triton.compile`` for ``sm_<arch>``; returns the compiled kernel (``.asm`` has ptx and cubin)."""
     signature = {name: ("constexpr" if name in variant.constexprs else variant.types[name])
                  for name in variant.kernel.arg_names}
-    source = ASTSource(fn=variant.kernel, signature=signature, constexprs=variant.constexprs)
+    attrs = {(variant.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in variant.divisible_by_16}
+    source = ASTSource(fn=variant.kernel, signature=signature, constexprs=variant.constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=variant.options)

@@ -38,6 +38,7 @@ def _perturbed_matmul_kernel(
     W_ROWS_ARE_N: tl.constexpr,  # True: output columns are W rows (forward); False: W columns (dX)
     HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    FAST_NOISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -72,7 +73,7 @@ def _perturbed_matmul_kernel(
             w = tl.load(w_ptr + offs_n[:, None] * stride_wi + offs_k[None, :] * stride_wj,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_NOISE:
-                z = gaussian_tile(seed_lo, seed_hi, offs_n, k_start, BLOCK_K)
+                z = gaussian_tile(seed_lo, seed_hi, offs_n, k_start, BLOCK_K, FAST_NOISE)
                 w = w.to(tl.float32) + std_n[:, None] * z
             w = tl.trans(round_to(w, compute_dtype, MANUAL_BF16_ROUNDING))
         else:
@@ -81,7 +82,7 @@ def _perturbed_matmul_kernel(
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if HAS_NOISE:
                 std_k = tl.load(row_std_ptr + offs_k, mask=k_ok, other=0.0)
-                z = gaussian_tile(seed_lo, seed_hi, offs_k, n_start, BLOCK_N)
+                z = gaussian_tile(seed_lo, seed_hi, offs_k, n_start, BLOCK_N, FAST_NOISE)
                 w = w.to(tl.float32) + std_k[:, None] * z
             w = round_to(w, compute_dtype, MANUAL_BF16_ROUNDING)
         if UPCAST_DOT:
@@ -162,13 +163,36 @@ class MatmulConfigTable:
 
 
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
+# Chosen from the static SASS budget (benchmarks/kernel_budget.py, benchmarks/NOTES.md section 1):
+# the noise of a W tile costs the same whatever BLOCK_M is, so bulk 16-bit launches serve 256 tokens
+# per regenerated tile; decode-like launches (<= 64 tokens) use 64-token tiles and 64 W rows so more
+# programs cover W. All compile for sm_90 without local-memory traffic in the K-loop.
 MATMUL_CONFIGS = MatmulConfigTable(
     configs={
-        "fp32": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-        "16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "fp32-bulk": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+        "fp32-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+        "16bit-bulk-wide": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "16bit-bulk-narrow": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "16bit-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
     },
-    entries={key: key[0] for key in MatmulConfigTable.CLASSES},
+    entries={
+        **{("fp32", shape, "bulk"): "fp32-bulk" for shape in ("narrow", "wide")},
+        **{("fp32", shape, "decode"): "fp32-decode" for shape in ("narrow", "wide")},
+        ("16bit", "wide", "bulk"): "16bit-bulk-wide",
+        ("16bit", "narrow", "bulk"): "16bit-bulk-narrow",
+        **{("16bit", shape, "decode"): "16bit-decode" for shape in ("narrow", "wide")},
+    },
 )
+
+
+def fast_noise(dtype: torch.dtype) -> bool:
+    """Hardware lg2/sin/cos for the noise: on the GPU, for 16-bit compute only.
+
+    There the perturbed weight is rounded to 8 (bf16) or 11 (fp16) bits, far coarser than the
+    approximations' effect on Z (``noise.FAST_NOISE_ATOL``); float32 keeps the precise functions so
+    its noise matches the reference to a few ulp. The interpreter cannot run inline PTX.
+    """
+    return not INTERPRETER and dtype != torch.float32
 
 
 def launch_options(config: dict) -> tuple[dict, dict]:
@@ -215,6 +239,6 @@ def perturbed_matmul_triton(
         HAS_LORA=has_lora, HAS_KEEP=keep is not None,
         UPCAST_DOT=dot_needs_fp32_operands(out_dtype),
         MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(out_dtype), FP32_PRECISION=fp32_dot_precision(),
-        BLOCK_R=rank_block(r), **cfg,
+        FAST_NOISE=fast_noise(out_dtype), BLOCK_R=rank_block(r), **cfg,
     )
     return out
