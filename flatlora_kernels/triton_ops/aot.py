@@ -86,11 +86,11 @@ def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: 
 def variants() -> list[Variant]:
     """Every kernel variant a GPU can launch: the noise writer, the norms, and the perturbed matmul
     in both directions for every dtype and every distinct entry of its configuration table."""
-    out = [Variant("noise", _write_noise_kernel,
+    out = [Variant("noise" + (" fast-math" if fast else ""), _write_noise_kernel,
                    {"out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_om": "i32", "stride_on": "i32",
-                    "seed_lo": "i64", "seed_hi": "i64"}, dict(NOISE_BLOCK), role="noise",
+                    "seed_lo": "i64", "seed_hi": "i64"}, dict(NOISE_BLOCK, FAST_MATH=fast), role="noise",
                    dtype=torch.float32, noise_tile=(NOISE_BLOCK["BLOCK_M"], NOISE_BLOCK["BLOCK_N"]),
-                   config="materialise")]
+                   config="materialise") for fast in (False, True)]
     for dtype in POINTER_TYPES:
         out.append(Variant(
             f"row_norms w={str(dtype).replace('torch.', '')}", _merged_row_norms_kernel,
