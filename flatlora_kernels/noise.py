@@ -38,10 +38,11 @@ Definition
 **Hardware approximations.** The fused bf16/fp16 kernels on a GPU evaluate ``ln``, ``sin`` and
 ``cos`` with the SFU instructions ``lg2/sin/cos.approx.ftz.f32`` (no range reduction: theta is in
 (-pi, pi) by construction). Everything else (Philox words, uniforms, ``2u - 1``, ``theta``) stays
-bit-exact, so Z moves by at most ``FAST_NOISE_ATOL``: about 1e-6 typically, most where the radius is
-smallest (u near 1, where an absolute error of ~2**-22 in ``lg2`` is a large relative error in
-``r**2``; at the smallest radius, 3.5e-4, it moves r by up to ~5e-4). That perturbation is 16 times
-below one bf16 rounding step of a unit-scale weight. float32 kernels, ``generate_noise`` and the
+bit-exact, so Z moves by at most ``FAST_NOISE_ATOL``: a few 1e-6 typically (sin/cos), most where
+the radius is smallest. Near u = 1 the approximate ``lg2`` has an absolute error (of order 2**-22)
+as large as ``|log2 u|`` itself, so ``r**2`` is clamped at 0 (never NaN) and r can move by up to
+~6e-4 there. Even that is 1/13 of a bf16 step at 1.0, before Z is scaled by ``c`` (typically
+0.05 times the row's rms weight). float32 kernels, ``generate_noise`` and the
 interpreter keep the precise functions.
 
 The perturbation of a layer is ``eps = diag(c) Z`` with ``c`` the ``(m,)`` float32 vector of

@@ -97,7 +97,8 @@ def variants() -> list[Variant]:
             {"w_ptr": POINTER_TYPES[dtype], "a_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32",
              "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32",
              **{s: "i64" for s in ("stride_wm", "stride_wn", "stride_ar", "stride_an", "stride_bm", "stride_br")}},
-            dict(ROW_NORMS_BLOCK), role="row_norms", dtype=dtype))
+            dict(ROW_NORMS_BLOCK, stride_wn=1, stride_an=1, stride_br=1), role="row_norms", dtype=dtype,
+            divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "out_ptr", "N", "stride_wm", "stride_ar")))
         for forward in (True, False):
             for config_name, config in MATMUL_CONFIGS.distinct(dtype):
                 out.append(matmul_variant(dtype, forward, config_name, config))

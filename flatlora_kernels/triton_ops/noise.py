@@ -73,7 +73,10 @@ def _box_muller(x_radius, x_angle, FAST_MATH: tl.constexpr):
     """
     theta = (2.0 * _uniform(x_angle) - 1.0) * _PI
     if FAST_MATH:
-        r = tl.sqrt(_approx(_uniform(x_radius), "lg2.approx.ftz.f32") * -1.3862943611198906)  # -2 ln 2
+        # Near u = 1 the approximate log's absolute error exceeds |log2 u| itself and could make
+        # r**2 negative (sqrt -> NaN): clamp at 0, which moves Z by at most ~6e-4 there.
+        r_squared = _approx(_uniform(x_radius), "lg2.approx.ftz.f32") * -1.3862943611198906  # -2 ln 2
+        r = tl.sqrt(tl.maximum(r_squared, 0.0))
         return r * _approx(theta, "cos.approx.ftz.f32"), r * _approx(theta, "sin.approx.ftz.f32")
     r = tl.sqrt(-2.0 * tl.log(_uniform(x_radius)))
     return r * tl.cos(theta), r * tl.sin(theta)
