@@ -62,6 +62,15 @@ def _perturbed_matmul_kernel(
         std_n = tl.load(row_std_ptr + offs_n, mask=n_ok, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Software pipelining by hand: the noise of K-step k + 1 is generated after step k's tl.dot, so
+    # the compiler can issue it while that step's asynchronous wgmma runs (the loop ends with one
+    # unused tile, past K). Tile for step k: [BLOCK_N W rows, BLOCK_K columns] forward (used
+    # transposed), [BLOCK_K W rows, BLOCK_N columns] for dX.
+    if HAS_NOISE:
+        if W_ROWS_ARE_N:
+            z_next = gaussian_tile(seed_lo, seed_hi, offs_n, 0, BLOCK_K, FAST_NOISE)
+        else:
+            z_next = gaussian_tile(seed_lo, seed_hi, tl.arange(0, BLOCK_K).to(tl.int64), n_start, BLOCK_N, FAST_NOISE)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = offs_k < K
@@ -69,26 +78,27 @@ def _perturbed_matmul_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
         if W_ROWS_ARE_N:
-            # W tile [BLOCK_N rows i, BLOCK_K columns j], used transposed.
             w = tl.load(w_ptr + offs_n[:, None] * stride_wi + offs_k[None, :] * stride_wj,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_NOISE:
-                z = gaussian_tile(seed_lo, seed_hi, offs_n, k_start, BLOCK_K, FAST_NOISE)
-                w = w.to(tl.float32) + std_n[:, None] * z
+                w = w.to(tl.float32) + std_n[:, None] * z_next
             w = tl.trans(round_to(w, compute_dtype, MANUAL_BF16_ROUNDING))
         else:
-            # W tile [BLOCK_K rows i, BLOCK_N columns j], used as is.
             w = tl.load(w_ptr + offs_k[:, None] * stride_wi + offs_n[None, :] * stride_wj,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if HAS_NOISE:
                 std_k = tl.load(row_std_ptr + offs_k, mask=k_ok, other=0.0)
-                z = gaussian_tile(seed_lo, seed_hi, offs_k, n_start, BLOCK_N, FAST_NOISE)
-                w = w.to(tl.float32) + std_k[:, None] * z
+                w = w.to(tl.float32) + std_k[:, None] * z_next
             w = round_to(w, compute_dtype, MANUAL_BF16_ROUNDING)
         if UPCAST_DOT:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(a, w, acc, input_precision=FP32_PRECISION)
+        if HAS_NOISE:
+            if W_ROWS_ARE_N:
+                z_next = gaussian_tile(seed_lo, seed_hi, offs_n, k_start + BLOCK_K, BLOCK_K, FAST_NOISE)
+            else:
+                z_next = gaussian_tile(seed_lo, seed_hi, offs_k + BLOCK_K, n_start, BLOCK_N, FAST_NOISE)
 
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
@@ -163,15 +173,16 @@ class MatmulConfigTable:
 
 
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
-# Chosen from the static SASS budget (benchmarks/kernel_budget.py, benchmarks/NOTES.md section 1):
-# the noise of a W tile costs the same whatever BLOCK_M is, so bulk 16-bit launches serve 256 tokens
-# per regenerated tile; decode-like launches (<= 64 tokens) use 64-token tiles and 64 W rows so more
-# programs cover W. All compile for sm_90 without local-memory traffic in the K-loop.
+# Chosen from the static SASS budget (benchmarks/kernel_budget.py, benchmarks/NOTES.md section 1),
+# by predicted iteration time over MMA time: the noise of a W tile costs the same whatever BLOCK_M
+# is, so bulk 16-bit launches serve 256 tokens per regenerated tile; decode-like launches (<= 64
+# tokens) use 64-token tiles and 64 W rows so more programs cover W. None has local-memory traffic
+# in its K-loop on sm_90. Not yet timed on a GPU.
 MATMUL_CONFIGS = MatmulConfigTable(
     configs={
         "fp32-bulk": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
         "fp32-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-        "16bit-bulk-wide": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "16bit-bulk-wide": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
         "16bit-bulk-narrow": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         "16bit-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
     },
