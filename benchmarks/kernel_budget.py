@@ -127,7 +127,8 @@ def resource_usage(cubin: bytes) -> dict:
 def classify(opcode: str, operands: str) -> str:
     base, _, modifiers = opcode.partition(".")
     if base == "IMAD":  # also the move/shift/add idioms of the FMA pipe; only real products count
-        if modifiers.startswith(("MOV", "SHL", "IADD")) or " RZ, RZ" in f" {operands}" or ", RZ, R" in operands[:20]:
+        factors = [op.strip() for op in operands.split(",")][1:3]  # IMAD dst, a, b, c = a * b + c
+        if modifiers.startswith(("MOV", "SHL", "IADD")) or "RZ" in factors:
             return "int_other"
         return "int_mul"
     if base.startswith("U") and base not in _OPCODE_CLASS:
