@@ -314,4 +314,3 @@ def test_unknown_or_unavailable_backend(monkeypatch):
             fk.backend_name("cpu")
     else:
         assert fk.backend_name("cpu") == "triton"
-
