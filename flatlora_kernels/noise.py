@@ -35,6 +35,16 @@ Definition
 5. **Tails.** Because ``u >= 2**-24``, ``|Z| <= sqrt(48 ln 2) ~= 5.768``: the tail beyond that
    (probability ~8e-9 per draw) is cut off, nothing else is clipped.
 
+**Hardware approximations.** The fused bf16/fp16 kernels on a GPU evaluate ``ln``, ``sin`` and
+``cos`` with the SFU instructions ``lg2/sin/cos.approx.ftz.f32`` (no range reduction: theta is in
+(-pi, pi) by construction). Everything else (Philox words, uniforms, ``2u - 1``, ``theta``) stays
+bit-exact, so Z moves by at most ``FAST_NOISE_ATOL``: a few 1e-6 typically (sin/cos), most where
+the radius is smallest. Near u = 1 the approximate ``lg2`` has an absolute error (of order 2**-22)
+as large as ``|log2 u|`` itself, so ``r**2`` is clamped at 0 (never NaN) and r can move by up to
+~6e-4 there. Even that is 1/13 of a bf16 step at 1.0, before Z is scaled by ``c`` (typically
+0.05 times the row's rms weight). float32 kernels, ``generate_noise`` and the
+interpreter keep the precise functions.
+
 The perturbation of a layer is ``eps = diag(c) Z`` with ``c`` the ``(m,)`` float32 vector of
 row standard deviations; ``Z`` is only ever regenerated, never stored by the fused paths.
 """
@@ -54,6 +64,8 @@ NORMALS_PER_CALL = 4
 SEED_LIMIT = 2**64
 # Largest |Z| the contract can produce: the Box-Muller radius at u = 2**-24.
 MAX_ABS_NORMAL = math.sqrt(-2.0 * math.log(2.0**-24))
+# How far the hardware-approximation path (fused 16-bit kernels on a GPU) may move Z; see above.
+FAST_NOISE_ATOL = 1e-3
 
 _MASK32 = 0xFFFFFFFF
 

@@ -7,6 +7,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
 from flatlora_kernels.backends import BACKEND_ENV
+from flatlora_kernels.triton_ops.perturbed_matmul import MATMUL_CONFIGS
 
 from .helpers import REL_TOL, assert_close_rel, float64_flat_lora, rel_err
 
@@ -127,6 +128,40 @@ def test_noise_of_a_row_ignores_token_count_and_order(device_backend):
     torch.testing.assert_close(call(x[perm]), full[perm], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(call(x[4:5]), full[4:5], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(call(x.repeat(3, 1)), full.repeat(3, 1), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", sorted(MATMUL_CONFIGS.configs))
+def test_every_gpu_configuration_on_the_interpreter(config, monkeypatch):
+    """Each entry of the GPU configuration table, forced on the CPU at odd shapes that span several
+    W tiles and K steps: forward and gradients against float64, and token independence of the
+    noise (a single token, and a shuffled batch, see the same W + eps as the full batch)."""
+    reason = fk.backends._unavailable_reason("triton", torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    dtype = torch.float32 if config.startswith("fp32") else torch.bfloat16
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs("cpu", (70,), 130, 75, 3, dtype, torch.float32)
+    with MATMUL_CONFIGS.force(config):
+        y, y64, grads, grads64 = run_both(x, weight, bias, lora_A, lora_B, row_std)
+        call = lambda inp: fk.flat_lora_linear(inp, weight, bias, lora_A, lora_B, 0.75, seed=1234,  # noqa: E731
+                                               row_std=row_std).detach()
+        single, shuffled = call(x[41:42]), call(x.flip(0))
+    assert_close_rel(y, y64, dtype, "y")
+    for name, g, g64 in zip(("x", "lora_A", "lora_B", "bias"), grads, grads64):
+        assert_close_rel(g, g64, dtype, f"grad {name}")
+    assert_close_rel(single, y64[41:42], dtype, "one token alone")
+    assert_close_rel(shuffled, y64.flip(0), dtype, "shuffled tokens")
+
+
+def test_configuration_table_covers_every_class_and_routes_tokens():
+    for key in MATMUL_CONFIGS.CLASSES:
+        assert MATMUL_CONFIGS.entries[key] in MATMUL_CONFIGS.configs
+    assert MATMUL_CONFIGS.classify(torch.bfloat16, 4096, 4096) == ("16bit", "wide", "bulk")
+    assert MATMUL_CONFIGS.classify(torch.float16, 64, 100) == ("16bit", "narrow", "decode")
+    assert MATMUL_CONFIGS.classify(torch.float32, 65, 128) == ("fp32", "wide", "bulk")
+    with pytest.raises(KeyError, match="no configuration named"):
+        with MATMUL_CONFIGS.force("nonexistent"):
+            pass
 
 
 def _peft_layer(weight, bias, lora_A, lora_B, alpha):

@@ -141,6 +141,13 @@ def test_noise_statistics(backend):
     assert abs(z.mean().item()) < five_se
     assert abs(z.var().item() - 1.0) < 5.0 * (2.0 / count) ** 0.5
     assert z.abs().max().item() <= contract.MAX_ABS_NORMAL + 1e-5
+    # Third and fourth moments (skewness 0, kurtosis 3) and the tails beyond 3 and 4 sigma.
+    assert abs((z**3).mean().item()) < 5.0 * (15.0 / count) ** 0.5
+    assert abs((z**4).mean().item() - 3.0) < 5.0 * (96.0 / count) ** 0.5
+    for k in (3.0, 4.0):
+        p = 2.0 * scipy.stats.norm.sf(k)
+        observed = (z.abs() > k).double().mean().item()
+        assert abs(observed - p) < 5.0 * (p * (1 - p) / count) ** 0.5, f"tail beyond {k} sigma: {observed} vs {p}"
     ks = scipy.stats.kstest(z.flatten().numpy(), "norm")
     assert ks.pvalue > 1e-4, f"KS test rejects N(0,1): D={ks.statistic:.2e}, p={ks.pvalue:.2e}"
     # Neighbouring rows, neighbouring columns (inside and across Philox calls), other seeds
@@ -179,3 +186,14 @@ def test_bad_seeds_are_rejected(seed, error):
 def test_bad_noise_shapes_are_rejected(shape):
     with pytest.raises(ValueError, match="features"):
         fk.generate_noise(0, *shape)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX approximations need a GPU")
+def test_fast_math_noise_within_documented_tolerance():
+    """The Z of the fused 16-bit kernels (hardware lg2/sin/cos) against the precise reference."""
+    z = generate_noise_triton(2**40 + 3, 1024, 1030, "cuda", fast_math=True).cpu().double()
+    ref = contract.reference_noise(2**40 + 3, 1024, 1030).double()
+    assert torch.isfinite(z).all()
+    err = (z - ref).abs()
+    assert err.max().item() <= contract.FAST_NOISE_ATOL, err.max().item()
+    assert err.mean().item() <= 1e-5, err.mean().item()

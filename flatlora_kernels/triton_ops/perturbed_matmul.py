@@ -14,6 +14,8 @@ dtype, then fed to ``tl.dot``. W is never written and no noise reaches memory.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +38,7 @@ def _perturbed_matmul_kernel(
     W_ROWS_ARE_N: tl.constexpr,  # True: output columns are W rows (forward); False: W columns (dX)
     HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    FAST_NOISE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -59,6 +62,15 @@ def _perturbed_matmul_kernel(
         std_n = tl.load(row_std_ptr + offs_n, mask=n_ok, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Software pipelining by hand: the noise of K-step k + 1 is generated after step k's tl.dot, so
+    # the compiler can issue it while that step's asynchronous wgmma runs (the loop ends with one
+    # unused tile, past K). Tile for step k: [BLOCK_N W rows, BLOCK_K columns] forward (used
+    # transposed), [BLOCK_K W rows, BLOCK_N columns] for dX.
+    if HAS_NOISE:
+        if W_ROWS_ARE_N:
+            z_next = gaussian_tile(seed_lo, seed_hi, offs_n, 0, BLOCK_K, FAST_NOISE)
+        else:
+            z_next = gaussian_tile(seed_lo, seed_hi, tl.arange(0, BLOCK_K).to(tl.int64), n_start, BLOCK_N, FAST_NOISE)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = offs_k < K
@@ -66,26 +78,27 @@ def _perturbed_matmul_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
         if W_ROWS_ARE_N:
-            # W tile [BLOCK_N rows i, BLOCK_K columns j], used transposed.
             w = tl.load(w_ptr + offs_n[:, None] * stride_wi + offs_k[None, :] * stride_wj,
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_NOISE:
-                z = gaussian_tile(seed_lo, seed_hi, offs_n, k_start, BLOCK_K)
-                w = w.to(tl.float32) + std_n[:, None] * z
+                w = w.to(tl.float32) + std_n[:, None] * z_next
             w = tl.trans(round_to(w, compute_dtype, MANUAL_BF16_ROUNDING))
         else:
-            # W tile [BLOCK_K rows i, BLOCK_N columns j], used as is.
             w = tl.load(w_ptr + offs_k[:, None] * stride_wi + offs_n[None, :] * stride_wj,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if HAS_NOISE:
                 std_k = tl.load(row_std_ptr + offs_k, mask=k_ok, other=0.0)
-                z = gaussian_tile(seed_lo, seed_hi, offs_k, n_start, BLOCK_N)
-                w = w.to(tl.float32) + std_k[:, None] * z
+                w = w.to(tl.float32) + std_k[:, None] * z_next
             w = round_to(w, compute_dtype, MANUAL_BF16_ROUNDING)
         if UPCAST_DOT:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(a, w, acc, input_precision=FP32_PRECISION)
+        if HAS_NOISE:
+            if W_ROWS_ARE_N:
+                z_next = gaussian_tile(seed_lo, seed_hi, offs_n, k_start + BLOCK_K, BLOCK_K, FAST_NOISE)
+            else:
+                z_next = gaussian_tile(seed_lo, seed_hi, offs_k + BLOCK_K, n_start, BLOCK_N, FAST_NOISE)
 
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
@@ -106,19 +119,104 @@ def _perturbed_matmul_kernel(
              round_to(acc, compute_dtype, MANUAL_BF16_ROUNDING), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _block_sizes(dtype: torch.dtype) -> dict:
-    if INTERPRETER:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+class MatmulConfigTable:
+    """Launch configurations of the perturbed matmul, chosen per (dtype, shape class, token class).
+
+    * dtype class: "fp32" or "16bit" (bf16/fp16);
+    * shape class: "narrow" when the output has fewer than 128 columns, else "wide";
+    * token class: "decode" for at most 64 token rows, else "bulk".
+
+    ``configs`` maps a name to block sizes and launch options; ``entries`` maps each class triple to
+    a name. Under the interpreter every launch uses the small "interpreter" blocks unless a test
+    forces a table entry with :meth:`force` (so each GPU configuration also runs on the CPU).
+    """
+
+    CLASSES = [(d, s, t) for d in ("fp32", "16bit") for s in ("narrow", "wide") for t in ("decode", "bulk")]
+
+    def __init__(self, configs: dict[str, dict], entries: dict[tuple[str, str, str], str]):
+        missing = [key for key in self.CLASSES if key not in entries]
+        if missing:
+            raise ValueError(f"configuration table has no entry for {missing}")
+        self.configs = configs
+        self.entries = entries
+        self._forced: str | None = None
+
+    @staticmethod
+    def classify(dtype: torch.dtype, tokens: int, out_columns: int) -> tuple[str, str, str]:
+        return ("fp32" if dtype == torch.float32 else "16bit", "narrow" if out_columns < 128 else "wide",
+                "decode" if tokens <= 64 else "bulk")
+
+    def select(self, dtype: torch.dtype, tokens: int, out_columns: int) -> tuple[str, dict]:
+        if self._forced is not None:
+            return self._forced, self.configs[self._forced]
+        if INTERPRETER:
+            return "interpreter", INTERPRETER_CONFIG
+        name = self.entries[self.classify(dtype, tokens, out_columns)]
+        return name, self.configs[name]
+
+    def distinct(self, dtype: torch.dtype) -> list[tuple[str, dict]]:
+        """The configurations a GPU can launch for ``dtype``, each once."""
+        dtype_class = "fp32" if dtype == torch.float32 else "16bit"
+        names = dict.fromkeys(name for key, name in self.entries.items() if key[0] == dtype_class)
+        return [(name, self.configs[name]) for name in names]
+
+    @contextlib.contextmanager
+    def force(self, name: str):
+        """Test-only: launch every perturbed matmul with configuration ``name``, interpreter included."""
+        if name not in self.configs:
+            raise KeyError(f"no configuration named {name!r}; known: {sorted(self.configs)}")
+        previous, self._forced = self._forced, name
+        try:
+            yield self.configs[name]
+        finally:
+            self._forced = previous
+
+
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4)
+# Chosen from the static SASS budget (benchmarks/kernel_budget.py, benchmarks/NOTES.md section 1),
+# by predicted iteration time over MMA time: the noise of a W tile costs the same whatever BLOCK_M
+# is, so bulk 16-bit launches serve 256 tokens per regenerated tile; decode-like launches (<= 64
+# tokens) use 64-token tiles and 64 W rows so more programs cover W. None has local-memory traffic
+# in its K-loop on sm_90. Not yet timed on a GPU.
+MATMUL_CONFIGS = MatmulConfigTable(
+    configs={
+        "fp32-bulk": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+        "fp32-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+        "16bit-bulk-wide": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
+        "16bit-bulk-narrow": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "16bit-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+    },
+    entries={
+        **{("fp32", shape, "bulk"): "fp32-bulk" for shape in ("narrow", "wide")},
+        **{("fp32", shape, "decode"): "fp32-decode" for shape in ("narrow", "wide")},
+        ("16bit", "wide", "bulk"): "16bit-bulk-wide",
+        ("16bit", "narrow", "bulk"): "16bit-bulk-narrow",
+        **{("16bit", shape, "decode"): "16bit-decode" for shape in ("narrow", "wide")},
+    },
+)
+
+
+def fast_noise(dtype: torch.dtype) -> bool:
+    """Hardware lg2/sin/cos for the noise: on the GPU, for 16-bit compute only.
+
+    There the perturbed weight is rounded to 8 (bf16) or 11 (fp16) bits, far coarser than the
+    approximations' effect on Z (``noise.FAST_NOISE_ATOL``); float32 keeps the precise functions so
+    its noise matches the reference to a few ulp. The interpreter cannot run inline PTX.
+    """
+    return not INTERPRETER and dtype != torch.float32
+
+
+def launch_options(config: dict) -> tuple[dict, dict]:
+    """Split a configuration into kernel block sizes and launch options (num_warps, num_stages)."""
+    blocks = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    return blocks, {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
 
 
 def perturbed_matmul_triton(
     a: torch.Tensor, weight: torch.Tensor, *, transpose_weight: bool, seed: int,
     row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
     lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
-    out_dtype: torch.dtype, out: torch.Tensor | None = None, block_sizes: dict | None = None,
+    out_dtype: torch.dtype, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel; the semantics are those of :func:`flatlora_kernels.reference.perturbed_matmul`."""
     seed_lo, seed_hi = contract.split_seed(seed)
@@ -138,7 +236,7 @@ def perturbed_matmul_triton(
     left = lora_left if has_lora else unused
     right = lora_right if has_lora else unused
     keep_t = keep if keep is not None else unused
-    cfg = dict(block_sizes or _block_sizes(out_dtype))
+    cfg = dict(MATMUL_CONFIGS.select(out_dtype, M, N)[1])
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _perturbed_matmul_kernel[grid](
         a, weight, row_std if row_std is not None else unused, bias if bias is not None else unused,
@@ -152,6 +250,6 @@ def perturbed_matmul_triton(
         HAS_LORA=has_lora, HAS_KEEP=keep is not None,
         UPCAST_DOT=dot_needs_fp32_operands(out_dtype),
         MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(out_dtype), FP32_PRECISION=fp32_dot_precision(),
-        BLOCK_R=rank_block(r), **cfg,
+        FAST_NOISE=fast_noise(out_dtype), BLOCK_R=rank_block(r), **cfg,
     )
     return out

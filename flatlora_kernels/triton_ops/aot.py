@@ -1,0 +1,114 @@
+"""Ahead-of-time compilation of every kernel variant for an NVIDIA architecture, no GPU needed.
+
+One list of variants, each with the launch configuration the launchers use on a GPU, shared by
+``scripts/compile_for_gpu.py`` (does everything compile?) and ``benchmarks/kernel_budget.py``
+(what does the compiled loop cost?). Import it only with ``TRITON_INTERPRET`` unset: under the
+interpreter Triton has no compiler to call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .noise import _write_noise_kernel
+from .perturbed_matmul import MATMUL_CONFIGS, _perturbed_matmul_kernel, fast_noise, launch_options
+from .row_norms import _merged_row_norms_kernel
+
+POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+NOISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 128}
+ROW_NORMS_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 16}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled form of a kernel: argument types, constexprs and launch options.
+
+    ``role`` is "noise", "row_norms", "forward" or "dX". For the kernels that regenerate noise,
+    ``noise_tile`` is the ``(rows, columns)`` of Z made per program and loop iteration and
+    ``token_tile`` how many tokens that one noise tile serves.
+    """
+
+    name: str
+    kernel: object
+    types: dict
+    constexprs: dict
+    options: dict = field(default_factory=dict)
+    role: str = ""
+    dtype: torch.dtype | None = None
+    noise_tile: tuple[int, int] | None = None
+    token_tile: int | None = None
+    config: str = ""
+    divisible_by_16: tuple[str, ...] = ()
+
+    @property
+    def num_warps(self) -> int:
+        return self.options.get("num_warps", 4)
+
+
+def _matmul_types(dtype: torch.dtype) -> dict:
+    return {
+        "a_ptr": POINTER_TYPES[dtype], "w_ptr": POINTER_TYPES[dtype], "row_std_ptr": "*fp32",
+        "bias_ptr": POINTER_TYPES[dtype], "left_ptr": "*fp32", "right_ptr": "*fp32", "keep_ptr": "*i1",
+        "out_ptr": POINTER_TYPES[dtype], "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+        "scaling": "fp32", "keep_scale": "fp32", "seed_lo": "i64", "seed_hi": "i64",
+        **{name: "i64" for name in _perturbed_matmul_kernel.arg_names if name.startswith("stride_")}}
+
+
+# What Triton specialises at launch for the usual case (contiguous row-major x, W, dY and output;
+# feature sizes and pointers multiples of 16): unit strides become constants, the rest get a
+# divisibility hint. Without this the compiled loop would use scalar loads a GPU never runs.
+UNIT_STRIDES = ("stride_ak", "stride_wj", "stride_on", "stride_kn")
+DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "row_std_ptr", "bias_ptr", "left_ptr", "right_ptr", "keep_ptr", "out_ptr",
+                   "N", "K", "stride_am", "stride_wi", "stride_om", "stride_km")
+
+
+def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: dict) -> Variant:
+    """The perturbed matmul as launched on a GPU for one table entry (see ``MATMUL_CONFIGS``)."""
+    blocks, options = launch_options(config)
+    constexprs = dict(**dict.fromkeys(UNIT_STRIDES, 1),W_ROWS_ARE_N=forward, HAS_NOISE=True, HAS_BIAS=forward, HAS_LORA=True,
+                      HAS_KEEP=not forward, UPCAST_DOT=False, MANUAL_BF16_ROUNDING=False,
+                      FP32_PRECISION="tf32", FAST_NOISE=fast_noise(dtype), BLOCK_R=16, **blocks)
+    constexprs = {k: v for k, v in constexprs.items() if k in _perturbed_matmul_kernel.arg_names}
+    noise_rows, noise_cols = ((blocks["BLOCK_N"], blocks["BLOCK_K"]) if forward
+                              else (blocks["BLOCK_K"], blocks["BLOCK_N"]))
+    direction = "forward" if forward else "dX"
+    return Variant(f"perturbed_matmul {direction} {str(dtype).replace('torch.', '')} {config_name}",
+                   _perturbed_matmul_kernel, _matmul_types(dtype), constexprs, options, role=direction,
+                   dtype=dtype, noise_tile=(noise_rows, noise_cols), token_tile=blocks["BLOCK_M"],
+                   config=config_name, divisible_by_16=DIVISIBLE_BY_16)
+
+
+def variants() -> list[Variant]:
+    """Every kernel variant a GPU can launch: the noise writer, the norms, and the perturbed matmul
+    in both directions for every dtype and every distinct entry of its configuration table."""
+    out = [Variant("noise" + (" fast-math" if fast else ""), _write_noise_kernel,
+                   {"out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_om": "i32", "stride_on": "i32",
+                    "seed_lo": "i64", "seed_hi": "i64"}, dict(NOISE_BLOCK, FAST_MATH=fast), role="noise",
+                   dtype=torch.float32, noise_tile=(NOISE_BLOCK["BLOCK_M"], NOISE_BLOCK["BLOCK_N"]),
+                   config="materialise") for fast in (False, True)]
+    for dtype in POINTER_TYPES:
+        out.append(Variant(
+            f"row_norms w={str(dtype).replace('torch.', '')}", _merged_row_norms_kernel,
+            {"w_ptr": POINTER_TYPES[dtype], "a_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32",
+             "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32",
+             **{s: "i64" for s in ("stride_wm", "stride_wn", "stride_ar", "stride_an", "stride_bm", "stride_br")}},
+            dict(ROW_NORMS_BLOCK, stride_wn=1, stride_an=1, stride_br=1), role="row_norms", dtype=dtype,
+            divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "out_ptr", "N", "stride_wm", "stride_ar")))
+        for forward in (True, False):
+            for config_name, config in MATMUL_CONFIGS.distinct(dtype):
+                out.append(matmul_variant(dtype, forward, config_name, config))
+    return out
+
+
+def compile_variant(variant: Variant, arch: int = 90):
+    """``triton.compile`` for ``sm_<arch>``; returns the compiled kernel (``.asm`` has ptx and cubin)."""
+    signature = {name: ("constexpr" if name in variant.constexprs else variant.types[name])
+                 for name in variant.kernel.arg_names}
+    attrs = {(variant.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in variant.divisible_by_16}
+    source = ASTSource(fn=variant.kernel, signature=signature, constexprs=variant.constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=variant.options)
