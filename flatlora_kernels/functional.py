@@ -58,8 +58,10 @@ def check_row_std(row_std: torch.Tensor, weight: torch.Tensor) -> None:
 def generate_noise(seed: int, out_features: int, in_features: int, *, device=None) -> torch.Tensor:
     """The float32 ``(out_features, in_features)`` matrix ``Z(seed)`` that the kernels regenerate.
 
-    See :mod:`flatlora_kernels.noise` for the exact definition. This materialises it; the
-    training paths never do.
+    See :mod:`flatlora_kernels.noise` for the exact definition. This materialises it, with the
+    precise ``ln``/``sin``/``cos``; the training paths never materialise it, and the fused 16-bit
+    GPU kernels evaluate those three with hardware approximations, within
+    ``noise.FAST_NOISE_ATOL`` of this.
     """
     check_seed(seed)
     out_features = checks.nonnegative_int("out_features", out_features)
