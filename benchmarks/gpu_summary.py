@@ -31,6 +31,9 @@ NOTES_PREDICTIONS = {
 }
 
 
+KNOWN = {"layer", "table7", "gpu_suite"}  # the records summarised in their own tables below
+
+
 @dataclass
 class Goal:
     """One of issue 13's goals: ``value`` (None when not measured) must not exceed ``limit``."""
@@ -186,9 +189,11 @@ def summary(results_dir: Path, dry_run: bool) -> str:
         lines += ["## Micro-benchmarks (pytest-benchmark medians; ratio to the group's baseline)", ""]
         lines += table(["group", "baseline", "cases"], rows)
 
-    for rec in records.get("kernel_budget", []):
-        lines += ["## Kernel cost report (kernel_budget.py)", "", "```",
-                  json.dumps(rec["results"], indent=1)[:6000], "```", ""]
+    for name, recs in records.items():  # the kernel cost report, and any record this file does not know
+        if name not in KNOWN:
+            for rec in recs:
+                lines += [f"## {name} ({rec['environment']['device']})", "", "```",
+                          json.dumps(rec["results"], indent=1)[:6000], "```", ""]
     return "\n".join(lines)
 
 
