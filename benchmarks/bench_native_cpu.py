@@ -3,33 +3,36 @@
     python benchmarks/bench_native_cpu.py            # tokens 1024, 1024 -> 1024, r = 8, fp32
     python benchmarks/bench_native_cpu.py --quick    # smaller, for a smoke run
 
-Time: medians of alternating repetitions of forward+backward (and each alone) of ``flat_lora_linear`` on the
-native backend against the same LoRA linear without noise in plain torch autograd
-(``F.linear(x, W) + s * (x A^T) B^T``), measured in the same run. Memory: the peak resident-set
-growth of one forward+backward, measured by resetting the kernel's high-water mark
-(``/proc/self/clear_refs``) and reading ``VmHWM``, each in a fresh process (so freed heap pages of an earlier
-call cannot hide an allocation), minus what plain LoRA needs for the same call; compared
-with the documented bound (a few ``block_rows(n) x n`` float32 buffers) and with the reference backend,
-which materialises the whole noise matrix. Writes benchmarks/results/native-cpu.json.
+Time: medians (``common.median_ms``: alternating wall-clock repetitions) of forward, backward and
+forward+backward of ``flat_lora_linear`` on the native backend against the same LoRA linear without
+noise in plain torch autograd (``F.linear(x, W) + s * (x A^T) B^T``), both in the same call; the ratio
+is native / LoRA. Memory: the peak resident-set growth of one forward+backward, measured by
+resetting the kernel's high-water mark (``/proc/self/clear_refs``) and reading ``VmHWM``, each in a
+fresh process (so freed heap pages of an earlier call cannot hide an allocation), minus what plain
+LoRA needs for the same call; compared with the documented bound (a few ``block_rows(n) x n``
+float32 buffers) and with the reference backend, which materialises the whole noise matrix. Writes
+one ``flatlora-bench/1`` record to benchmarks/results/native-cpu.json, one row per case:
+{"tokens", "in", "out", "r", "lora_<pass>_ms", "native_<pass>_ms", "<pass>_ratio",
+"block_buffer_mib", "noise_matrix_mib", "peak_extra_mib_native", "peak_extra_mib_reference"}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import flatlora_kernels as fk
-from common import RESULTS, reset_peak_rss, status_kib
+from common import PASSES, RESULTS, device_label, median_ms, pass_callables, reset_peak_rss, status_kib, write_record
+from flatlora_kernels.backends import BACKEND_ENV
 from flatlora_kernels.native import block_rows
+
+CASES = [(1024, 1024, 1024, 8), (256, 4096, 11008, 8)]  # (tokens, in, out, r)
+QUICK_CASES = [(64, 1024, 8192, 8)]  # a 32 MiB noise matrix against a 4 MiB block
 
 
 def peak_growth_mib(fn) -> float:
@@ -37,19 +40,6 @@ def peak_growth_mib(fn) -> float:
     before = reset_peak_rss()
     fn()
     return (status_kib("VmHWM") - before) / 1024
-
-
-def paired_ms(fn_a, fn_b, reps: int) -> tuple[float, float, float]:
-    """Medians of ``fn_a`` and ``fn_b`` and of their per-repetition ratio b/a, timed alternately so
-    that drift on a shared machine hits both alike."""
-    fn_a(), fn_b()
-    a, b = [], []
-    for _ in range(reps):
-        for fn, times in ((fn_a, a), (fn_b, b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(a), 1e3 * statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def make(tokens: int, n: int, m: int, r: int):
@@ -76,7 +66,7 @@ def _step(method, x, weight, lora_A, lora_B, row_std, dy):
     if method == "lora":
         y = plain_lora(x, weight, lora_A, lora_B)
     else:
-        os.environ["FLATLORA_BACKEND"] = method
+        os.environ[BACKEND_ENV] = method
         y = flat(x, weight, lora_A, lora_B, row_std)
     return torch.autograd.grad(y, (x, lora_A, lora_B), dy)
 
@@ -93,21 +83,14 @@ def probe_memory(method: str, case: list[int]) -> float:
 
 def measure(tokens, n, m, r, reps, memory_backends):
     x, weight, lora_A, lora_B, row_std, dy = make(tokens, n, m, r)
-    params = (x, lora_A, lora_B)
-    lora_fwd = lambda: plain_lora(x, weight, lora_A, lora_B)  # noqa: E731
-    flat_fwd = lambda: flat(x, weight, lora_A, lora_B, row_std)  # noqa: E731
-
-    def both(forward):
-        return lambda: torch.autograd.grad(forward(), params, dy)
-
-    y_lora, y_flat = lora_fwd(), flat_fwd()
+    inputs = (x, lora_A, lora_B)
+    lora = pass_callables(lambda: plain_lora(x, weight, lora_A, lora_B), inputs, dy)
+    native = pass_callables(lambda: flat(x, weight, lora_A, lora_B, row_std), inputs, dy)
     row = {"tokens": tokens, "in": n, "out": m, "r": r}
-    pairs = {"fwd": (lora_fwd, flat_fwd),
-             "bwd": (lambda: torch.autograd.grad(y_lora, params, dy, retain_graph=True),
-                     lambda: torch.autograd.grad(y_flat, params, dy, retain_graph=True)),
-             "fwdbwd": (both(lora_fwd), both(flat_fwd))}
-    for part, (lora_fn, flat_fn) in pairs.items():
-        row[f"lora_{part}_ms"], row[f"flat_{part}_ms"], row[f"ratio_{part}"] = paired_ms(lora_fn, flat_fn, reps)
+    cpu = torch.device("cpu")
+    for name in PASSES:
+        row[f"lora_{name}_ms"], row[f"native_{name}_ms"] = median_ms([lora[name], native[name]], cpu, reps)
+        row[f"{name}_ratio"] = row[f"native_{name}_ms"] / row[f"lora_{name}_ms"]
     case = [tokens, n, m, r]
     base = probe_memory("lora", case)
     row["block_buffer_mib"] = block_rows(n) * n * 4 / 2**20
@@ -132,27 +115,23 @@ def main() -> None:
         return
     if not fk.native_available():
         raise SystemExit("the native extension is not built: run scripts/install.sh")
-    if args.quick:
-        cases, reps = [(64, 1024, 8192, 8)], 3  # a 32 MiB noise matrix against a 4 MiB block
-    else:
-        cases, reps = [(1024, 1024, 1024, 8), (256, 4096, 11008, 8)], args.reps
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"CPU: {cpu} | torch {torch.__version__} | fp32 | median of {reps}")
+    os.environ[BACKEND_ENV] = "native"
+    cases, reps = (QUICK_CASES, 3) if args.quick else (CASES, args.reps)
+    print(f"{device_label(torch.device('cpu'))} | torch {torch.__version__} | fp32 | median of {reps}")
     rows = []
     for tokens, n, m, r in cases:
         row = measure(tokens, n, m, r, reps, memory_backends=("native", "reference"))
         rows.append(row)
         print(f"tokens {tokens}, {n} -> {m}, r {r}")
-        for part in ("fwd", "bwd", "fwdbwd"):
-            print(f"  {part:>7}: LoRA {row[f'lora_{part}_ms']:8.2f} ms | Flat-LoRA native "
-                  f"{row[f'flat_{part}_ms']:8.2f} ms | x{row[f'ratio_{part}']:.2f} (median of per-rep ratios)")
+        for name in PASSES:
+            print(f"  {name:>7}: LoRA {row[f'lora_{name}_ms']:8.2f} ms | Flat-LoRA native "
+                  f"{row[f'native_{name}_ms']:8.2f} ms | x{row[f'{name}_ratio']:.2f}")
         print(f"  peak extra memory over LoRA: native {row['peak_extra_mib_native']:.1f} MiB "
               f"(block buffer {row['block_buffer_mib']:.1f} MiB), reference {row['peak_extra_mib_reference']:.1f} MiB "
               f"(noise matrix {row['noise_matrix_mib']:.1f} MiB)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": cpu, "torch": torch.__version__, "dtype": "float32", "reps": reps,
-                                    "results": rows}, indent=1))
-    print(f"wrote {args.out}")
+    config = {"dtype": "float32", "cases": [list(case) for case in cases], "reps": reps, "timer": "median_ms",
+              "baseline": "plain torch LoRA (F.linear(x, W) + s * (x A^T) B^T)"}
+    print(f"wrote {write_record(args.out, 'native_cpu', 'cpu', config, rows)}")
 
 
 if __name__ == "__main__":

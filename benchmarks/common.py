@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: where results go, the one record schema, device names,
-Linux peak-RSS reading.
+"""Helpers shared by the benchmarks: where results go, the one record schema, the one median timer,
+device names, Linux peak-RSS reading.
 
 Every JSON this folder writes is one record::
 
@@ -8,6 +8,10 @@ Every JSON this folder writes is one record::
 ``environment`` names the device, the torch/triton/CUDA/Python versions and the git commit, so a
 committed figure can always be traced to what produced it. ``$OUT`` (set by the device tool on a lent
 GPU) redirects results there.
+
+Timing (:func:`median_ms`): on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed before each
+call, median); on the CPU alternating wall-clock repetitions (median). Ratios are ratios of medians
+taken in the same call, so both sides of a ratio saw the same machine state.
 """
 
 from __future__ import annotations
@@ -18,14 +22,23 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
+import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks" / "results"
 SCHEMA = "flatlora-bench/1"
+PASSES = ("fwd", "bwd", "fwdbwd")
+
+
+def bench_device() -> torch.device:
+    """Where the benchmarks run: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_label(device: torch.device) -> str:
@@ -37,6 +50,38 @@ def device_label(device: torch.device) -> str:
 def slug(text: str) -> str:
     """A file-name-safe, lower-case form of a device label."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def median_ms(fns: Sequence[Callable[[], object]], device: torch.device, reps: int = 20) -> list[float]:
+    """Median milliseconds per call of each callable, all measured together.
+
+    CUDA: ``triton.testing.do_bench`` on each in turn (it warms up, synchronises and uses CUDA
+    events; ``reps`` is unused). CPU: one warm-up call of each, then ``reps`` rounds that call each
+    once in turn, so that drift on a shared machine hits every callable alike.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        return [float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) for fn in fns]
+    for fn in fns:
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, times in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(times) for times in samples]
+
+
+def pass_callables(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor],
+                   grad_output: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The timed passes of a layer, keyed by :data:`PASSES`: forward, backward alone (through one
+    forward graph kept for it) and forward+backward. Gradients go to ``inputs`` (``autograd.grad``)."""
+    kept = forward()
+    return {"fwd": forward,
+            "bwd": lambda: torch.autograd.grad(kept, inputs, grad_output, retain_graph=True),
+            "fwdbwd": lambda: torch.autograd.grad(forward(), inputs, grad_output)}
 
 
 def status_kib(field: str) -> int:

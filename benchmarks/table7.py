@@ -16,16 +16,17 @@ q, k, v, o, gate, up, down; micro-batch 2 of 512 tokens; AdamW. Three methods, m
 
 For each: peak memory (max allocated and reserved on a GPU, peak RSS growth on the CPU), median time per
 optimizer step after warm-up, ratios against LoRA from the same run, and after the run the fraction of
-frozen target-weight elements that changed and ``||W - W0|| / ||W0||``. Writes
-benchmarks/results/table7-<preset>-<device>.json (one object per accumulation setting, in a list), a
-Markdown table and a PNG chart. On the CPU the memory figures are allocator noise: the tiny preset is a
+frozen target-weight elements that changed and ``||W - W0|| / ||W0||``. Writes one ``flatlora-bench/1``
+record to benchmarks/results/table7-<preset>-<device>.json, one row per (accumulation, method):
+{"grad_accum", "method", "peak_memory_gb", "peak_reserved_gb", "step_time_s", "changed_fraction",
+"relative_drift", "step_time_ratio", "memory_delta_gb"} (ratio and delta against LoRA), plus a
+Markdown table and a PNG chart beside it. On the CPU the memory figures are allocator noise: the tiny preset is a
 smoke test of the script, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -36,7 +37,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
-from common import RESULTS, reset_peak_rss, slug, status_kib
+from common import RESULTS, bench_device, device_label, reset_peak_rss, slug, status_kib, write_record
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRESETS = {
@@ -139,11 +140,11 @@ def run_method(method: str, preset: dict, grad_accum: int, device: torch.device)
         reserved = torch.cuda.max_memory_reserved(device) / 1e9
     else:
         peak = (status_kib("VmHWM") - rss0) / 1e6
-        reserved = float("nan")
+        reserved = None
     changed = total = 0
     diff_sq = base_sq = 0.0
-    for name, p in frozen.items():
-        now, before = p.detach().cpu(), snapshot[name]
+    for name, p in frozen.items():  # compared where the weights live: 7B elements are slow on a CPU
+        now, before = p.detach(), snapshot[name].to(device)
         changed += int((now != before).sum())
         total += now.numel()
         diff_sq += float((now.double() - before.double()).square().sum())
@@ -152,21 +153,29 @@ def run_method(method: str, preset: dict, grad_accum: int, device: torch.device)
             "changed_fraction": changed / total, "relative_drift": math.sqrt(diff_sq / base_sq)}
 
 
-def write_outputs(results: list[dict], out_dir: Path, stem: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+def compare_to_lora(rows: list[dict]) -> None:
+    """Add each row's step-time ratio and memory delta against LoRA at the same accumulation."""
+    lora = {r["grad_accum"]: r for r in rows if r["method"] == "lora"}
+    for r in rows:
+        base = lora[r["grad_accum"]]
+        r["step_time_ratio"] = r["step_time_s"] / base["step_time_s"]
+        r["memory_delta_gb"] = r["peak_memory_gb"] - base["peak_memory_gb"]
+
+
+def write_table_and_chart(rows: list[dict], title: str, stem: Path) -> None:
+    """``stem``.md (one table per accumulation setting) and ``stem``.png (time and memory bars)."""
+    accums = list(dict.fromkeys(r["grad_accum"] for r in rows))
     lines = []
-    for res in results:
-        lora = res["methods"]["lora"]
-        lines += [f"### {res['preset']} on {res['device']}, gradient accumulation {res['grad_accum']}", "",
+    for grad_accum in accums:
+        lines += [f"### {title}, gradient accumulation {grad_accum}", "",
                   "| method | peak GB (alloc) | step s | x LoRA time | +GB vs LoRA | changed W elements | rel. drift |",
                   "|---|---|---|---|---|---|---|"]
-        for name, r in res["methods"].items():
-            lines.append(f"| {name} | {r['peak_memory_gb']:.3f} | {r['step_time_s']:.3f} | "
-                         f"{r['step_time_s'] / lora['step_time_s']:.3f} | {r['peak_memory_gb'] - lora['peak_memory_gb']:+.3f} | "
-                         f"{r['changed_fraction']:.2e} | {r['relative_drift']:.2e} |")
+        lines += [f"| {r['method']} | {r['peak_memory_gb']:.3f} | {r['step_time_s']:.3f} | "
+                  f"{r['step_time_ratio']:.3f} | {r['memory_delta_gb']:+.3f} | {r['changed_fraction']:.2e} | "
+                  f"{r['relative_drift']:.2e} |"
+                  for r in rows if r["grad_accum"] == grad_accum]
         lines.append("")
-    (out_dir / f"{stem}.md").write_text("\n".join(lines))
+    stem.with_suffix(".md").write_text("\n".join(lines))
     try:
         import matplotlib
 
@@ -176,18 +185,19 @@ def write_outputs(results: list[dict], out_dir: Path, stem: str) -> None:
         print("matplotlib not installed: no chart")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    width = 0.8 / len(results)
-    for k, res in enumerate(results):
+    width = 0.8 / len(accums)
+    for k, grad_accum in enumerate(accums):
+        by_method = {r["method"]: r for r in rows if r["grad_accum"] == grad_accum}
         xs = [i + k * width for i in range(len(METHODS))]
-        axes[0].bar(xs, [res["methods"][m]["step_time_s"] for m in METHODS], width, label=f"accum {res['grad_accum']}")
-        axes[1].bar(xs, [res["methods"][m]["peak_memory_gb"] for m in METHODS], width, label=f"accum {res['grad_accum']}")
-    for ax, title in zip(axes, ("median step time (s)", "peak memory (GB)")):
-        ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(METHODS))], METHODS)
-        ax.set_title(title)
+        for ax, key in zip(axes, ("step_time_s", "peak_memory_gb")):
+            ax.bar(xs, [by_method[m][key] for m in METHODS], width, label=f"accum {grad_accum}")
+    for ax, name in zip(axes, ("median step time (s)", "peak memory (GB)")):
+        ax.set_xticks([i + width * (len(accums) - 1) / 2 for i in range(len(METHODS))], METHODS)
+        ax.set_title(name)
         ax.legend()
-    fig.suptitle(f"Table 7 setting, {results[0]['preset']} preset, {results[0]['device']}")
+    fig.suptitle(f"Table 7 setting: {title}")
     fig.tight_layout()
-    fig.savefig(out_dir / f"{stem}.png", dpi=120)
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
 
 
 def main() -> None:
@@ -197,31 +207,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per method (default: the preset's)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON, table and chart go")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     if args.preset is None:
         big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 40e9
         args.preset = "7b" if big else ("1b" if device.type == "cuda" else "tiny")
     preset = dict(PRESETS[args.preset])
     if args.steps:
         preset["steps"], preset["warmup"] = args.steps, min(preset["warmup"], args.steps - 1)
-    import triton
-
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results = []
+    label = device_label(device)
+    rows = []
     for grad_accum in args.grad_accum:
-        res = {"device": label, "torch": torch.__version__, "triton": triton.__version__, "preset": args.preset,
-               "grad_accum": grad_accum, "backend": fk.backend_name(device), "methods": {}}
         for method in METHODS:
-            res["methods"][method] = run_method(method, preset, grad_accum, device)
-            r = res["methods"][method]
-            print(f"[{args.preset} ga={grad_accum}] {method:>16}: step {r['step_time_s']:.3f} s, peak "
-                  f"{r['peak_memory_gb']:.3f} GB, changed {r['changed_fraction']:.2e}, drift {r['relative_drift']:.2e}")
+            row = {"grad_accum": grad_accum, "method": method, **run_method(method, preset, grad_accum, device)}
+            rows.append(row)
+            print(f"[{args.preset} ga={grad_accum}] {method:>16}: step {row['step_time_s']:.3f} s, peak "
+                  f"{row['peak_memory_gb']:.3f} GB, changed {row['changed_fraction']:.2e}, "
+                  f"drift {row['relative_drift']:.2e}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        results.append(res)
-    stem = f"table7-{args.preset}-{slug(label)}"
-    write_outputs(results, args.out_dir, stem)
-    print((args.out_dir / f"{stem}.md").read_text())
+    compare_to_lora(rows)
+    stem = args.out_dir / f"table7-{args.preset}-{slug(label)}"
+    config = {"preset": args.preset, **preset, "sigma": SIGMA, "grad_accum": args.grad_accum, "methods": list(METHODS),
+              "baseline": "lora", "backend": fk.backend_name(device), "micro_batch": 2, "r": 8, "lora_alpha": 16}
+    write_record(stem.with_suffix(".json"), "table7", device, config, rows)
+    write_table_and_chart(rows, f"{args.preset} preset on {label}", stem)
+    print(stem.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

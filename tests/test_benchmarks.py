@@ -1,58 +1,164 @@
-"""The benchmark scripts run end to end at tiny size, so they never rot."""
+"""The benchmarks never rot: the GPU suite's dry run (bench_layer.py, table7.py, the pytest-benchmark
+run and the summary, at tiny size on the CPU), the pytest-benchmark smoke run, the native CPU
+benchmark; every JSON is a record of the shared schema."""
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from flatlora_kernels.native import native_available
+
 ROOT = Path(__file__).resolve().parents[1]
+ENVIRONMENT_KEYS = {"device", "device_type", "torch", "triton", "cuda", "python", "git_commit", "utc"}
 
 
-def test_layer_benchmark_tiny(tmp_path):
-    out = tmp_path / "layer.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_layer.py"), "--preset", "tiny",
-                           "--reps", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(out.read_text())
-    assert {r["method"] for r in rows} == {"lora", "materialized", "flat_lora"}
-    for r in rows:
-        assert {"in", "out", "tokens", "fwd_ms", "bwd_ms", "fwdbwd_ms", "device"} <= r.keys()
-        assert r["fwdbwd_ms"] > 0
+def read_record(path: Path, benchmark: str) -> dict:
+    """A ``flatlora-bench/1`` record of ``benchmark``, with its environment block checked."""
+    record = json.loads(path.read_text())
+    assert record["schema"] == "flatlora-bench/1" and record["benchmark"] == benchmark
+    assert ENVIRONMENT_KEYS <= record["environment"].keys(), record["environment"]
+    assert record["environment"]["git_commit"], "the commit that produced a result must be recorded"
+    return record
 
 
 def test_native_cpu_benchmark_and_memory_bound(tmp_path):
     """The native op's measured extra memory stays under its documented bound of 4 block buffers,
     on a layer whose noise matrix is 8 times a block, while the reference holds several matrices."""
-    from flatlora_kernels.native import native_available
-
     if not native_available():
-        import pytest
-
         pytest.skip("native extension not built")
     out = tmp_path / "native.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_native_cpu.py"), "--quick",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (row,) = json.loads(out.read_text())["results"]
+    (row,) = read_record(out, "native_cpu")["results"]
+    assert row["fwdbwd_ratio"] == row["native_fwdbwd_ms"] / row["lora_fwdbwd_ms"] > 0
     assert row["noise_matrix_mib"] >= 8 * row["block_buffer_mib"]
     assert row["peak_extra_mib_native"] <= 4 * row["block_buffer_mib"] + 1.0, row
     assert row["peak_extra_mib_reference"] >= row["noise_matrix_mib"], row
 
 
-def test_table7_tiny_preset(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "table7.py"), "--preset", "tiny", "--steps", "2",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    results = json.loads((tmp_path / "table7-tiny-cpu.json").read_text())
-    assert [r["grad_accum"] for r in results] == [16, 1]
-    for res in results:
-        assert {"device", "torch", "triton", "preset", "grad_accum", "methods"} <= res.keys()
-        methods = res["methods"]
-        assert set(methods) == {"lora", "public_flat_lora", "flat_lora"}
+def test_pytest_benchmarks_smoke():
+    """CI's run of the pytest-benchmark tests: every case once, untimed (``--benchmark-disable``)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-disable", "-q",
+                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert re.search(r"\b\d+ passed", proc.stdout) and " failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """``gpu_suite.sh quick --dry-run`` and ``full --dry-run``, each into its own $OUT as on the device."""
+    outs = {}
+    for part in ("quick", "full"):
+        out = outs[part] = tmp_path_factory.mktemp(part)
+        proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), part, "--dry-run"],
+                              env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return outs
+
+
+def test_gpu_suite_dry_run_steps(dry_run):
+    for part, out in dry_run.items():
+        files = sorted(p.name for p in out.iterdir())
+        assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files), files
+        steps = {s["step"]: s for s in read_record(out / f"suite-{part}.json", "gpu_suite")["results"]}
+        assert steps["install"]["status"] == "skipped" and steps["build-cuda-extension"]["status"] == "skipped"
+        expected = {"quick": {"tests-cuda", "bench-layer", "kernel-budget"}, "full": {"table7", "pytest-benchmark"}}
+        assert set(steps) == {"install", "build-cuda-extension"} | expected[part]
+        for name in expected[part] - {"kernel-budget"}:
+            assert steps[name]["status"] == "passed" and steps[name]["exit_code"] == 0, steps[name]
+        summary = (out / "summary.md").read_text()
+        assert "CPU dry run" in summary and "## Goals" in summary
+    budget = read_record(dry_run["quick"] / "suite-quick.json", "gpu_suite")["results"][-1]
+    if (ROOT / "benchmarks" / "kernel_budget.py").exists():
+        assert budget["status"] == "passed"
+        report = json.loads((dry_run["quick"] / "kernel-budget.json").read_text())
+        read_record(dry_run["quick"] / "kernel-budget.json", report["benchmark"])
+    else:
+        assert budget["status"] == "skipped" and "kernel_budget.py is not in this checkout" in budget["note"]
+    assert "0 failed, 0 errors" in (dry_run["quick"] / "summary.md").read_text()  # the junit counts
+
+
+def test_layer_record_from_dry_run(dry_run):
+    (path,) = dry_run["quick"].glob("layer-*.json")
+    rows = read_record(path, "layer")["results"]
+    assert len(rows) == 2 * 2 * 3  # tiny preset: 2 shapes x 2 token counts x 3 methods
+    assert {r["method"] for r in rows} == {"lora", "materialized", "flat_lora"}
+    for r in rows:
+        for name in ("fwd", "bwd", "fwdbwd"):
+            assert r[f"{name}_ms"] > 0 and r[f"{name}_ratio"] > 0
+        if r["method"] == "lora":  # the baseline of every ratio
+            assert r["fwdbwd_ratio"] == 1.0
+
+
+def test_table7_record_from_dry_run(dry_run):
+    (path,) = dry_run["full"].glob("table7-tiny-*.json")
+    record = read_record(path, "table7")
+    assert record["config"]["grad_accum"] == [16, 1]
+    rows = record["results"]
+    assert [(r["grad_accum"], r["method"]) for r in rows] == [
+        (ga, m) for ga in (16, 1) for m in ("lora", "public_flat_lora", "flat_lora")]
+    for ga in (16, 1):
+        methods = {r["method"]: r for r in rows if r["grad_accum"] == ga}
         for m in methods.values():
             assert {"peak_memory_gb", "step_time_s", "changed_fraction", "relative_drift"} <= m.keys()
+            assert m["step_time_ratio"] == m["step_time_s"] / methods["lora"]["step_time_s"]
         # the point of the product: the public procedure moves frozen bf16 weights, ours never does
         assert methods["flat_lora"]["changed_fraction"] == 0 and methods["flat_lora"]["relative_drift"] == 0
         assert methods["lora"]["changed_fraction"] == 0
         assert methods["public_flat_lora"]["changed_fraction"] > 0
-    assert (tmp_path / "table7-tiny-cpu.md").exists() and (tmp_path / "table7-tiny-cpu.png").exists()
+    assert path.with_suffix(".md").exists() and path.with_suffix(".png").exists()
+
+
+def test_pytest_benchmark_json_from_dry_run(dry_run):
+    """Every case carries its sizes and a ratio to its group's baseline, timed in the same session."""
+    data = json.loads((dry_run["full"] / "pytest-benchmark.json").read_text())
+    assert ENVIRONMENT_KEYS <= data["environment"].keys()
+    groups: dict[str, list[dict]] = {}
+    for bench in data["benchmarks"]:
+        groups.setdefault(bench["group"], []).append(bench)
+        assert "data" not in bench["stats"]
+        info = bench["extra_info"]
+        assert {"op", "device", "method", "backend", "baseline", "dtype", "ratio_to_baseline"} <= info.keys()
+    assert {name.split()[0] for name in groups} == {"layer", "noise", "row_norms"}
+    for benches in groups.values():
+        base, *others = benches
+        assert base["extra_info"]["method"] == base["extra_info"]["baseline"]
+        assert base["extra_info"]["ratio_to_baseline"] == 1.0
+        expected_backends = {"reference", "native"} if native_available() else {"reference"}
+        assert {b["extra_info"]["backend"] for b in others} >= expected_backends
+        for bench in others:
+            expected = bench["stats"]["median"] / base["stats"]["median"]
+            assert bench["extra_info"]["ratio_to_baseline"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_summary_combines_both_parts_and_judges_goals(dry_run, tmp_path, monkeypatch):
+    """Both parts' files in one folder give one summary; goals are judged against their limits."""
+    for out in dry_run.values():
+        for path in out.iterdir():
+            shutil.copy(path, tmp_path / path.name)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_summary
+
+    summary = gpu_summary.summary(tmp_path, dry_run=True)
+    for step in ("tests-cuda", "bench-layer", "table7", "pytest-benchmark"):
+        assert f"| {step} | passed |" in summary
+    records, pytest_json = gpu_summary.load(tmp_path)
+    goals = {goal.name: goal for goal in gpu_summary.goals(records, pytest_json)}
+    assert goals["changed frozen elements"].value == 0
+    assert goals["layer fwd+bwd, 1024 tokens"].verdict() == "not measured"  # the tiny preset has no 1024 tokens
+    # a GPU-like layer record: 1.08x at 1024 tokens meets its goal, 1.2x at 4096 misses the 1.05x one
+    layer = {"environment": {"device_type": "cuda"}, "results": [
+        {"in": 4096, "out": 4096, "tokens": tokens, "method": "flat_lora", "fwdbwd_ratio": ratio}
+        for tokens, ratio in ((1024, 1.08), (4096, 1.2), (16384, 1.01))]}
+    goals = {goal.name: goal for goal in gpu_summary.goals({"layer": [layer]}, None)}
+    assert goals["layer fwd+bwd, 1024 tokens"].verdict() == "met"
+    assert goals["layer fwd+bwd, 4096–16384 tokens"].value == 1.2
+    assert goals["layer fwd+bwd, 4096–16384 tokens"].verdict() == "not met"
+    assert goals["merged row norms"].verdict() == "not measured"

