@@ -128,12 +128,8 @@ if [[ $PART == quick ]]; then
   if ((DRY_RUN)); then layer_args=(--preset tiny --reps 2); else layer_args=(--preset 7b); fi
   step bench-layer 150 python benchmarks/bench_layer.py "${layer_args[@]}"
   # Compiles for sm_90 without a GPU, so never under the interpreter.
-  if [[ -f benchmarks/kernel_budget.py ]]; then
-    step kernel-budget 120 env -u TRITON_INTERPRET python benchmarks/kernel_budget.py \
-      --out "$RESULTS_DIR/kernel-budget.json"
-  else
-    skip kernel-budget "benchmarks/kernel_budget.py is not in this checkout yet (it comes from another branch)"
-  fi
+  step kernel-budget 120 env -u TRITON_INTERPRET python benchmarks/kernel_budget.py \
+    --out "$RESULTS_DIR/kernel-budget.json"
 else
   if ((DRY_RUN)); then t7_args=(--preset tiny --steps 2); else t7_args=(--preset 7b --steps 12); fi
   step table7 270 python benchmarks/table7.py "${t7_args[@]}" --grad-accum 16 1
