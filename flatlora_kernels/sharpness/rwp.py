@@ -90,9 +90,10 @@ class RWP:
         tag = rank_tag(self.config.per_rank_noise)
         noise = []
         for index, p in enumerate(self.factors.values()):
+            dtype = torch.promote_types(p.dtype, torch.float32)
             z = torch.randn(p.shape, generator=generator(self.config.seed, sample, index, tag, p.device),
-                            device=p.device, dtype=torch.float32)
-            row_std = p.detach().float().norm(dim=1, keepdim=True) * (self.sigma_t / math.sqrt(p.shape[1]))
+                            device=p.device, dtype=torch.float32).to(dtype)
+            row_std = p.detach().to(dtype).norm(dim=1, keepdim=True) * (self.sigma_t / math.sqrt(p.shape[1]))
             noise.append((row_std * z).to(p.dtype))
         return noise
 
