@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 import flatlora_kernels as fk
 
@@ -43,3 +47,15 @@ def float64_flat_lora(x, weight, bias, lora_A, lora_B, scaling, seed, row_std, k
     if bias64 is not None:
         y = y + bias64
     return y, (x64, a64, b64, bias64)
+
+
+def spawn_with_deadline(worker, args: tuple, nprocs: int, deadline_s: float) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; kill them and fail the test if they
+    have not all finished after ``deadline_s`` seconds (a hung collective must not stall the suite)."""
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=deadline_s)
+    while not ctx.join(timeout=2):
+        if datetime.datetime.now() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the {nprocs}-process run did not finish within {deadline_s} s")

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from flatlora_kernels import apply_flat_lora
 
+from .helpers import spawn_with_deadline
 from .models import VOCAB, peft_family
 
 WORLD = 2
@@ -44,14 +44,7 @@ def _worker(rank, init_file, per_rank_noise, out_dir):
 
 @pytest.mark.parametrize("per_rank_noise", [True, False])
 def test_ddp_two_processes(tmp_path, per_rank_noise):
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), per_rank_noise, str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
-    while not ctx.join(timeout=2):
-        if datetime.datetime.now() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the two-process DDP run did not finish within {DEADLINE_S} s")
+    spawn_with_deadline(_worker, (str(tmp_path / "init"), per_rank_noise, str(tmp_path)), WORLD, DEADLINE_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     a, b = (r["adapters"] for r in results)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "adapters differ across ranks"

@@ -5,13 +5,12 @@ import contextlib
 import datetime
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import flatlora_kernels as fk
 
+from .helpers import spawn_with_deadline
 from .models import VOCAB, peft_family
 
 WORLD = 2
@@ -70,14 +69,7 @@ def _worker(rank, init_file, out_dir):
 
 
 def test_sharpness_methods_ddp_two_processes(tmp_path):
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
-    while not ctx.join(timeout=2):
-        if datetime.datetime.now() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the two-process DDP run did not finish within {DEADLINE_S} s")
+    spawn_with_deadline(_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD, DEADLINE_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     plain, _ = peft_family("llama")
     for name in METHODS:

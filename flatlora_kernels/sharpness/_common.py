@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
@@ -26,6 +27,21 @@ def check_window(last: bool, window: int) -> None:
         raise TypeError(f"last must be a bool, got {last!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window (micro-batches per optimizer step) must be a positive int, got {window!r}")
+
+
+def sam_window(method, closure: LossClosure, last: bool, window: int, backward: Backward,
+               first_pass: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """The SAM family's micro-batch: backpropagate ``L_k / window`` (inside ``first_pass()``); on the last
+    micro-batch, the second pass inside ``method.perturbed()`` (skipped when it yields False)."""
+    check_window(last, window)
+    with first_pass():
+        loss = closure()
+        backward(loss / window)
+    if last:
+        with method.perturbed() as moved:
+            if moved:
+                backward(closure())
+    return loss.detach()
 
 
 def nonfinite(policy: str, what: str) -> None:

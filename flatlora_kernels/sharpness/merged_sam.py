@@ -27,8 +27,8 @@ from typing import Iterator
 import torch
 
 from .. import checks
-from ._common import (Backward, LossClosure, all_gather_rows, check_policy, check_window, clear_grads,
-                      lora_layers, nonfinite)
+from ._common import (Backward, LossClosure, all_gather_rows, check_policy, clear_grads, lora_layers,
+                      nonfinite, sam_window)
 
 
 class _Record:
@@ -158,15 +158,7 @@ class MergedSAM:
         """One micro-batch: record and backpropagate ``L_k / window``; on the last one, clear the
         gradients and backpropagate ``L(W' + e_W; B_N)``, ``e_W`` from the window's accumulated
         merged-weight gradient. Returns the clean loss of this micro-batch."""
-        check_window(last, window)
-        with self.capture():
-            loss = closure()
-            backward(loss / window)
-        if last:
-            with self.perturbed() as moved:
-                if moved:
-                    backward(closure())
-        return loss.detach()
+        return sam_window(self, closure, last, window, backward, self.capture)
 
     def step(self) -> None:
         """Nothing to advance between steps."""

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .. import checks
-from ._common import Backward, LossClosure, Snapshot, check_policy, check_window, clear_grads, nonfinite
+from ._common import Backward, LossClosure, Snapshot, check_policy, clear_grads, nonfinite, sam_window
 
 
 def _norm_dtype(t: torch.Tensor) -> torch.dtype:
@@ -146,14 +146,7 @@ class SAMPerturber:
         ``e`` from the accumulated ``g = (1/N) sum_k grad L(theta; B_k)``, clear the gradients and
         backpropagate ``L(theta + e; B_N)`` (the last micro-batch only, unscaled). The optimizer then
         steps with ``grad L(theta + e; B_N)``. Returns the clean loss of this micro-batch."""
-        check_window(last, window)
-        loss = closure()
-        backward(loss / window)
-        if last:
-            with self.perturbed() as moved:
-                if moved:
-                    backward(closure())
-        return loss.detach()
+        return sam_window(self, closure, last, window, backward)
 
     def step(self) -> None:
         """Nothing to advance between steps (present so every method has the same interface)."""
