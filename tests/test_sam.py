@@ -133,6 +133,7 @@ def test_accumulation_window_formula():
 def test_errors_name_the_problem():
     model, (batch,) = tiny_peft(), batches(1)
     params = list(trainable(model).values())
+    before = snapshot(model)
     for rho in (0, -0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="rho"):
             fk.SAM(params, torch.optim.SGD, rho=rho, lr=0.1)
@@ -153,6 +154,11 @@ def test_errors_name_the_problem():
         opt.state_dict()
     with pytest.raises(RuntimeError, match="no gradient in the second pass"):
         opt.second_step()  # the second backward was never run
+    loss_on(model, batch).backward()
+    with pytest.raises(KeyError):  # a failing second pass still restores theta, bit for bit
+        with fk.SAMPerturber(params).perturbed():
+            raise KeyError("second pass")
+    assert bitwise_equal(snapshot(model), before)
     with pytest.raises(ValueError, match="window"):
         fk.SAMPerturber(params).accumulate(lambda: loss_on(model, batch), window=0)
 

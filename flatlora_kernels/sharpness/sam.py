@@ -136,9 +136,12 @@ class SAMPerturber:
             clear_grads(self.params)
         try:
             yield moved_now
-        finally:
+        except BaseException:
             if moved_now:
-                self.check_second_gradients(self.restore())
+                self.restore()  # theta comes back even when the second pass fails
+            raise
+        if moved_now:
+            self.check_second_gradients(self.restore())
 
     def accumulate(self, closure: LossClosure, *, last: bool = True, window: int = 1,
                    backward: Backward = torch.Tensor.backward) -> torch.Tensor:
