@@ -8,6 +8,8 @@ Public API:
 * :func:`apply_flat_lora` (takes a :class:`FlatLoraConfig` or its fields, returns a :class:`FlatLora`
   controller), :func:`register_flat_lora` and :class:`FlatLoraCallback` (``transformers.Trainer``)
   to train with it;
+* :mod:`flatlora_kernels.sharpness`: :class:`SAM`, :class:`SAMPerturber`, :class:`MergedSAM`, :class:`RWP`,
+  :class:`BiLoRA` and :class:`SharpnessTrainer`, the sharpness-aware neighbours;
 * :mod:`flatlora_kernels.flatness`: Hessian spectra, sharpness and loss surfaces of the merged weights;
 * :func:`backend_name` tells which implementation runs for a device; :func:`native_available`
   whether the compiled C++ ops are installed.
@@ -18,11 +20,13 @@ from .functional import flat_lora_linear, generate_noise, merged_row_norms
 from .integration import FlatLora, FlatLoraConfig, apply_flat_lora, register_flat_lora
 from .layer import FlatLoraLinear
 from .native import native_available
+from .sharpness import RWP, SAM, BiLoRA, MergedSAM, SAMPerturber
 
 __version__ = "0.1.0"
 
 __all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraConfig", "FlatLoraLinear", "apply_flat_lora", "backend_name",
-           "flat_lora_linear", "generate_noise", "merged_row_norms", "native_available", "register_flat_lora"]
+           "flat_lora_linear", "generate_noise", "merged_row_norms", "native_available", "register_flat_lora",
+           "BiLoRA", "MergedSAM", "RWP", "SAM", "SAMPerturber", "SharpnessTrainer"]
 
 
 def __getattr__(name):
@@ -36,6 +40,10 @@ def __getattr__(name):
         if layer.LoraLinear4bit is None:
             raise AttributeError("FlatLoraLinear4bit needs bitsandbytes: pip install flatlora-kernels[qlora]")
         return layer.FlatLoraLinear4bit
+    if name == "SharpnessTrainer":
+        from .sharpness.trainer import SharpnessTrainer
+
+        return SharpnessTrainer
     if name == "flatness":
         import importlib
 

@@ -19,11 +19,12 @@ identical runs give identical adapters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import warnings
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -166,6 +167,18 @@ class FlatLora:
         """Remove the noise from every layer (until the next :meth:`step` or :meth:`resample`)."""
         for layer in self.layers.values():
             layer.clear_noise()
+
+    @contextlib.contextmanager
+    def noise_disabled(self) -> Iterator["FlatLora"]:
+        """Clean passes inside: every layer is plain LoRA; on exit the exact sample (seed and ``c``,
+        the same tensor objects) is back, whatever happened inside. Nests; the schedule is untouched."""
+        saved = [(layer.noise_seed, layer.noise_row_std) for layer in self.layers.values()]
+        self.clear()
+        try:
+            yield self
+        finally:
+            for layer, (seed, row_std) in zip(self.layers.values(), saved):
+                layer.noise_seed, layer.noise_row_std = seed, row_std
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, **self.config.to_dict(), "layers": list(self.layers)}

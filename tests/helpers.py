@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import flatlora_kernels as fk
 
@@ -50,11 +56,6 @@ def run_processes(worker, args: tuple, world: int, deadline_s: float) -> None:
 
     Workers join with ``join_process_group`` (loopback only, bounded collective timeouts).
     """
-    import datetime
-
-    import pytest
-    import torch.multiprocessing as mp
-
     ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=deadline_s)
     while not ctx.join(timeout=2):
@@ -66,11 +67,6 @@ def run_processes(worker, args: tuple, world: int, deadline_s: float) -> None:
 
 def join_process_group(rank: int, world: int, init_file: str, backend: str = "gloo") -> None:
     """Join a process group over loopback only, with collectives that time out instead of hanging."""
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over loopback only, never the host's other interfaces
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
