@@ -72,3 +72,12 @@ def nonnegative_int(name: str, value: object) -> int:
 def optional_positive_int(name: str, value: object) -> int | None:
     """None, or an int >= 1."""
     return None if value is None else positive_int(name, value)
+
+
+def resumed_step(owner: str, saved: dict, current: dict) -> int:
+    """The step to continue from when ``saved`` (a ``state_dict``) is loaded into a run whose own state is
+    ``current``: every setting both record must agree, or the run is not the one that was saved."""
+    for key in current.keys() - {"step"}:
+        if key in saved and saved[key] != current[key]:
+            raise ValueError(f"{owner} state was saved with {key}={saved[key]!r}, this run has {current[key]!r}")
+    return nonnegative_int("step", saved["step"])

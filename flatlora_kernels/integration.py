@@ -185,11 +185,7 @@ class FlatLora:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a run: restore the step count and redraw the sample it was using."""
-        mine = self.state_dict()
-        for key in mine.keys() - {"step"}:
-            if key in state and state[key] != mine[key]:
-                raise ValueError(f"Flat-LoRA state was saved with {key}={state[key]!r}, this run has {mine[key]!r}")
-        self.step_count = checks.nonnegative_int("step", state["step"])
+        self.step_count = checks.resumed_step("Flat-LoRA", state, self.state_dict())
         self.resample()
 
     def __repr__(self) -> str:

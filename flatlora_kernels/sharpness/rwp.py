@@ -161,10 +161,6 @@ class RWP:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a run at the saved step (the noise sequence is a function of the step)."""
-        mine = self.state_dict()
-        for key in mine.keys() - {"step"}:
-            if key in state and state[key] != mine[key]:
-                raise ValueError(f"RWP state was saved with {key}={state[key]!r}, this run has {mine[key]!r}")
-        self.step_count = checks.nonnegative_int("step", state["step"])
+        self.step_count = checks.resumed_step("RWP", state, self.state_dict())
         if self.controller is not None:
             self.controller.load_state_dict({"step": self.step_count})
