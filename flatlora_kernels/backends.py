@@ -4,6 +4,10 @@
 Every backend provides the same three operations with the reference's semantics:
 ``noise(seed, m, n, device)``, ``row_norms(weight, lora_A, lora_B, scaling)`` and
 ``perturbed_matmul(a, weight, **kwargs)`` (see :mod:`flatlora_kernels.reference`).
+
+A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`) runs where the backend reads
+packed weights: the Triton kernels dequantize its tiles in registers; the native ops take dense
+weights only, so under them it takes the reference's row-block path (see :func:`get_backend`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from . import reference
 from .native import native_unavailable_reason
 from .noise import reference_noise
+from .quant4bit import PackedWeight4bit
 
 BACKEND_ENV = "FLATLORA_BACKEND"
 BACKENDS = ("triton", "native", "reference")
@@ -30,6 +35,7 @@ class Backend:
     noise: Callable[..., torch.Tensor]
     row_norms: Callable[..., torch.Tensor]
     perturbed_matmul: Callable[..., torch.Tensor]
+    reads_4bit: bool  # row_norms and perturbed_matmul accept a PackedWeight4bit
 
 
 def _interpreter_requested() -> bool:
@@ -52,17 +58,17 @@ def _triton_backend() -> Backend:
     from .triton_ops.perturbed_matmul import perturbed_matmul_triton
     from .triton_ops.row_norms import merged_row_norms_triton
 
-    return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton)
+    return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton, True)
 
 
 @functools.lru_cache(maxsize=None)
 def _native_backend() -> Backend:
     from .native import generate_noise_native, merged_row_norms_native, perturbed_matmul_native
 
-    return Backend("native", generate_noise_native, merged_row_norms_native, perturbed_matmul_native)
+    return Backend("native", generate_noise_native, merged_row_norms_native, perturbed_matmul_native, False)
 
 
-_REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, reference.perturbed_matmul)
+_REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, reference.perturbed_matmul, True)
 
 
 def backend_name(device: torch.device | str) -> str:
@@ -95,10 +101,16 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
-def get_backend(device: torch.device | str) -> Backend:
+def get_backend(device: torch.device | str, weight: torch.Tensor | PackedWeight4bit | None = None) -> Backend:
+    """The backend for tensors on ``device``; given a 4-bit ``weight``, one that reads it (the
+    selected backend if it can, else the reference's row-block path)."""
     name = backend_name(device)
     if name == "triton":
-        return _triton_backend()
-    if name == "native":
-        return _native_backend()
-    return _REFERENCE
+        backend = _triton_backend()
+    elif name == "native":
+        backend = _native_backend()
+    else:
+        backend = _REFERENCE
+    if isinstance(weight, PackedWeight4bit) and not backend.reads_4bit:
+        return _REFERENCE
+    return backend

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import checks, reference
+from . import checks
 from .backends import get_backend
 from .distributed import is_dtensor, sharded_merged_row_norms
 from .noise import check_seed, seed_from_int64, seed_to_int64
@@ -78,15 +78,16 @@ def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tens
 
     ``weight`` is the logical ``(out_features, in_features)`` matrix (a transposed view is fine).
     A sharded ``DTensor`` weight (FSDP2, tensor parallelism) is reduced across its mesh without
-    being gathered (:mod:`flatlora_kernels.distributed`); a 4-bit base is read a block of rows at a
-    time. Not differentiable: it is a statistic of the current weights.
+    being gathered (:mod:`flatlora_kernels.distributed`); a 4-bit base is dequantized tile by tile
+    in registers by the Triton kernel, else a block of rows at a time by the reference. Not
+    differentiable: it is a statistic of the current weights.
     """
     _check_lora(weight, lora_A, lora_B)
     scaling = checks.finite_real("scaling", scaling)
     lora_A, lora_B = lora_A.detach(), lora_B.detach()
     with torch.no_grad():
         if isinstance(weight, PackedWeight4bit):
-            return reference.merged_row_norms(weight, lora_A, lora_B, scaling)
+            return get_backend(weight.device, weight).row_norms(weight, lora_A, lora_B, scaling)
         row_norms = get_backend(weight.device).row_norms
         if is_dtensor(weight):
             return sharded_merged_row_norms(weight.detach(), lora_A, lora_B, scaling, row_norms)
@@ -115,9 +116,10 @@ def _perturbed_matmul_fake(a, weight, transpose_weight, seed, row_std, bias, lor
 
 def _perturbed_matmul(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling, keep,
                       keep_scale, out_dtype):
-    """The registered op for a dense weight; a 4-bit base takes the reference's row-block path."""
+    """The registered op for a dense weight; a 4-bit base (a dataclass, which the op cannot take)
+    calls its backend directly: the fused Triton kernel, or the reference's row-block path."""
     if isinstance(weight, PackedWeight4bit):
-        return reference.perturbed_matmul(
+        return get_backend(a.device, weight).perturbed_matmul(
             a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
             lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
             out_dtype=out_dtype)
@@ -136,7 +138,8 @@ class FlatLoraLinearFunction(torch.autograd.Function):
 
     Saves ``x``, the small ``(tokens, r)`` LoRA activation, the dropout mask and references to
     the parameters: nothing of size ``out_features x in_features``. ``W`` may be a 4-bit base
-    (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`), dequantized a block of rows at a time.
+    (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`), dequantized tile by tile in the Triton
+    kernels, else a block of rows at a time.
     """
 
     @staticmethod
@@ -192,7 +195,8 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, b
         x: input ``(..., in_features)``.
         weight: frozen base weight, logical shape ``(out_features, in_features)``; only read. A
             4-bit base (:meth:`PackedWeight4bit.from_bnb <flatlora_kernels.quant4bit.PackedWeight4bit.from_bnb>`)
-            is dequantized and perturbed a bounded block of rows at a time.
+            is dequantized and perturbed tile by tile in registers by the Triton backend, else a
+            bounded block of rows at a time.
         bias: ``(out_features,)`` or None; gets a gradient if it requires one.
         lora_A, lora_B: ``(r, in_features)`` and ``(out_features, r)``.
         scaling: the LoRA scale ``s``.

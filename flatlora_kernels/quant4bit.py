@@ -1,8 +1,9 @@
-"""4-bit (QLoRA) base weights: the bitsandbytes NF4/FP4 layout, dequantized a block of rows at a time.
+"""4-bit (QLoRA) base weights: the bitsandbytes NF4/FP4 layout, read in place.
 
 Flat-LoRA perturbs ``dequant(W4) + diag(c) Z``; the 4-bit weight cannot hold noise, so the
-perturbed rows are built on the fly and never stored. The layout read here is that of
-bitsandbytes' ``Params4bit``:
+perturbed weight is built on the fly and never stored: tile by tile in registers by the Triton
+kernels (:mod:`flatlora_kernels.triton_ops.quant4bit`), a block of rows at a time here
+otherwise. The layout read is that of bitsandbytes' ``Params4bit``:
 
 * the logical ``(out, in)`` weight, flattened row-major, two 4-bit codes per byte, the first
   element in the high nibble;
@@ -19,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from . import checks
 
 # The 16 NF4 levels (quantiles of N(0, 1), normalised to [-1, 1]; Dettmers et al., QLoRA, 2023) and
 # the FP4 (e2m1) levels as bitsandbytes scales them, both exactly as float32.
@@ -46,6 +49,20 @@ class PackedWeight4bit:
     blocksize: int
     shape: tuple[int, int]     # logical (out_features, in_features)
     dtype: torch.dtype         # what dequantized values are rounded to
+
+    def __post_init__(self):
+        # The Triton kernels read these buffers raw: a short or mistyped one would be read past its end.
+        checks.positive_int("blocksize", self.blocksize)
+        m, n = (checks.nonnegative_int("shape", size) for size in self.shape)
+        for name, tensor, dtype, numel in (("packed", self.packed, torch.uint8, -(-m * n // 2)),
+                                           ("absmax", self.absmax, torch.float32, -(-m * n // self.blocksize)),
+                                           ("codebook", self.codebook, torch.float32, 16)):
+            if (tensor.dtype != dtype or tensor.dim() != 1 or tensor.numel() < numel or not tensor.is_contiguous()
+                    or tensor.device != self.packed.device):
+                raise ValueError(f"{name} must be a contiguous 1-D {dtype} tensor of at least {numel} elements on "
+                                 f"{self.packed.device}, got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"4-bit weights dequantize to float32, bfloat16 or float16, not {self.dtype}")
 
     @classmethod
     def from_bnb(cls, weight: torch.Tensor) -> "PackedWeight4bit":
@@ -87,5 +104,5 @@ class PackedWeight4bit:
 
     def dequantize(self) -> torch.Tensor:
         """The whole dequantized ``(out, in)`` weight (for tests and references; the training paths
-        dequantize a bounded block of rows at a time)."""
+        dequantize tile by tile, or a bounded block of rows at a time)."""
         return self.dequantize_rows(0, self.shape[0])

@@ -6,7 +6,9 @@ kernels and the native ops are tested against it.
 
 A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`) is the exception: it is
 dequantized and perturbed a bounded block of rows at a time, never whole, since holding the
-dequantized weight is what a 4-bit base exists to avoid. This is the 4-bit path on every device.
+dequantized weight is what a 4-bit base exists to avoid. This is the 4-bit path wherever the
+Triton backend does not run (the native ops take dense weights only); the Triton kernels
+dequantize 4-bit tiles in registers instead.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ One kernel serves both directions of the Flat-LoRA linear layer:
 In both, each W tile is loaded once per token tile, its noise tile is regenerated in
 registers from the seed (:func:`gaussian_tile`), added in float32 and rounded to the compute
 dtype, then fed to ``tl.dot``. W is never written and no noise reaches memory.
+
+W may be a 4-bit (NF4/FP4) base (``WEIGHT_4BIT``): its tile is then dequantized in registers from
+the packed codes and block scales (:func:`~flatlora_kernels.triton_ops.quant4bit.load_weight_tile`),
+rounded to the weight's dtype as bitsandbytes does, and the noise is added to that, so
+``dequant(W4) + diag(c) Z`` exists only tile by tile.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import triton
 import triton.language as tl
 
 from .. import noise as contract
+from ..quant4bit import PackedWeight4bit
 from .common import (INTERPRETER, cast_needs_manual_rounding, cdiv, dot_needs_fp32_operands,
                      fp32_dot_precision, round_to)
 from .noise import gaussian_tile
+from .quant4bit import load_weight_tile, weight_operands
 from .row_norms import rank_block
 
 
@@ -34,11 +41,12 @@ def _perturbed_matmul_kernel(
     stride_am, stride_ak, stride_wi, stride_wj,
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_km, stride_kn, stride_om, stride_on,
-    scaling, keep_scale, seed_lo, seed_hi,
+    scaling, keep_scale, seed_lo, seed_hi, absmax_ptr, codebook_ptr,
     W_ROWS_ARE_N: tl.constexpr,  # True: output columns are W rows (forward); False: W columns (dX)
     HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    FAST_NOISE: tl.constexpr,
+    FAST_NOISE: tl.constexpr, WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr,
+    DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -78,14 +86,16 @@ def _perturbed_matmul_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
         if W_ROWS_ARE_N:
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wi + offs_k[None, :] * stride_wj,
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w = load_weight_tile(w_ptr, offs_n, offs_k, n_ok[:, None] & k_ok[None, :], stride_wi, stride_wj, K,
+                                 absmax_ptr, codebook_ptr, WEIGHT_4BIT, QUANT_BLOCKSIZE, DEQUANT_DTYPE,
+                                 DEQUANT_MANUAL_ROUNDING)
             if HAS_NOISE:
                 w = w.to(tl.float32) + std_n[:, None] * z_next
             w = tl.trans(round_to(w, compute_dtype, MANUAL_BF16_ROUNDING))
         else:
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wi + offs_n[None, :] * stride_wj,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            w = load_weight_tile(w_ptr, offs_k, offs_n, k_ok[:, None] & n_ok[None, :], stride_wi, stride_wj, N,
+                                 absmax_ptr, codebook_ptr, WEIGHT_4BIT, QUANT_BLOCKSIZE, DEQUANT_DTYPE,
+                                 DEQUANT_MANUAL_ROUNDING)
             if HAS_NOISE:
                 std_k = tl.load(row_std_ptr + offs_k, mask=k_ok, other=0.0)
                 w = w.to(tl.float32) + std_k[:, None] * z_next
@@ -213,12 +223,13 @@ def launch_options(config: dict) -> tuple[dict, dict]:
 
 
 def perturbed_matmul_triton(
-    a: torch.Tensor, weight: torch.Tensor, *, transpose_weight: bool, seed: int,
+    a: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, *, transpose_weight: bool, seed: int,
     row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
     lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
     out_dtype: torch.dtype, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the kernel; the semantics are those of :func:`flatlora_kernels.reference.perturbed_matmul`."""
+    """Launch the kernel; the semantics are those of :func:`flatlora_kernels.reference.perturbed_matmul`
+    (``weight`` dense or 4-bit, read in place either way)."""
     seed_lo, seed_hi = contract.split_seed(seed)
     m_w, n_w = weight.shape
     M = a.shape[0]
@@ -232,20 +243,21 @@ def perturbed_matmul_triton(
     bias = bias.contiguous() if bias is not None else None
     has_lora = lora_left is not None
     r = lora_left.shape[1] if has_lora else 1
-    unused = weight  # any tensor stands in for an absent operand; its constexpr flag is off
+    w, stride_wi, stride_wj, weight_4bit = weight_operands(weight)
+    unused = a  # any 2-D tensor stands in for an absent operand; its constexpr flag is off
     left = lora_left if has_lora else unused
     right = lora_right if has_lora else unused
     keep_t = keep if keep is not None else unused
     cfg = dict(MATMUL_CONFIGS.select(out_dtype, M, N)[1])
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _perturbed_matmul_kernel[grid](
-        a, weight, row_std if row_std is not None else unused, bias if bias is not None else unused,
+        a, w, row_std if row_std is not None else unused, bias if bias is not None else unused,
         left, right, keep_t, out,
         M, N, K, r,
-        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
+        a.stride(0), a.stride(1), stride_wi, stride_wj,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         keep_t.stride(0), keep_t.stride(1), out.stride(0), out.stride(1),
-        float(scaling), float(keep_scale), seed_lo, seed_hi,
+        float(scaling), float(keep_scale), seed_lo, seed_hi, **weight_4bit,
         W_ROWS_ARE_N=transpose_weight, HAS_NOISE=row_std is not None, HAS_BIAS=bias is not None,
         HAS_LORA=has_lora, HAS_KEEP=keep is not None,
         UPCAST_DOT=dot_needs_fp32_operands(out_dtype),

@@ -2,7 +2,8 @@
 
 Each program owns a block of rows, keeps that block of ``B`` in registers and streams
 column tiles of ``W`` and ``A``: the low-rank update is rebuilt tile by tile with one small
-``tl.dot`` (inner size ``r``), so no m×n temporary ever exists.
+``tl.dot`` (inner size ``r``), so no m×n temporary ever exists. A 4-bit (NF4/FP4) ``W`` is
+dequantized tile by tile in registers from its packed codes, as the perturbed matmul reads it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant4bit import PackedWeight4bit
 from .common import INTERPRETER, cdiv
+from .quant4bit import load_weight_tile, weight_operands
 
 
 @triton.jit
@@ -19,7 +22,9 @@ def _merged_row_norms_kernel(
     w_ptr, a_ptr, b_ptr, out_ptr,
     M, N, R,
     stride_wm, stride_wn, stride_ar, stride_an, stride_bm, stride_br,
-    scaling,
+    scaling, absmax_ptr, codebook_ptr,
+    WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+    DEQUANT_MANUAL_ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -31,8 +36,9 @@ def _merged_row_norms_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        w = tl.load(w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wn,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        w = load_weight_tile(w_ptr, rows, cols, row_ok[:, None] & col_ok[None, :], stride_wm, stride_wn, N,
+                             absmax_ptr, codebook_ptr, WEIGHT_4BIT, QUANT_BLOCKSIZE, DEQUANT_DTYPE,
+                             DEQUANT_MANUAL_ROUNDING).to(tl.float32)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_an,
                     mask=(ranks[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
         merged = w + scaling * tl.dot(b, a, input_precision="ieee")
@@ -45,8 +51,9 @@ def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def merged_row_norms_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+def merged_row_norms_triton(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
                             scaling: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 ``(m,)`` norms of the rows of ``W + scaling * lora_B @ lora_A``; ``W`` dense or 4-bit."""
     m, n = weight.shape
     r = lora_A.shape[0]
     if out is None:
@@ -55,10 +62,11 @@ def merged_row_norms_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: 
         return out
     block_m = 16 if INTERPRETER else 64
     block_n = 32 if INTERPRETER else 128
+    w, stride_wm, stride_wn, weight_4bit = weight_operands(weight)
     _merged_row_norms_kernel[(cdiv(m, block_m),)](
-        weight, lora_A, lora_B, out, m, n, r,
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), float(scaling),
+        w, lora_A, lora_B, out, m, n, r,
+        stride_wm, stride_wn, lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), float(scaling), **weight_4bit,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block(r),
     )
     return out

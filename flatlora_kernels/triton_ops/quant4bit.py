@@ -1,0 +1,63 @@
+"""Reading W inside a kernel: a dense tile, or a 4-bit (NF4/FP4) tile dequantized in registers.
+
+Every kernel that reads the base weight (the perturbed matmul in both directions, the merged
+norms) loads its tile with :func:`load_weight_tile` and gets its operands from
+:func:`weight_operands`, so a packed 4-bit weight is read the same way everywhere. The layout is
+bitsandbytes' (see :mod:`flatlora_kernels.quant4bit`): element ``k = row * n + col`` of the
+logical ``(m, n)`` weight is the high nibble of byte ``k // 2`` when ``k`` is even, the low one
+when odd, and its value is ``codebook[code] * absmax[k // blocksize]`` in float32, rounded once
+to the weight's dtype. The packed codes, the scales and the 16-entry codebook are only read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant4bit import PackedWeight4bit
+from .common import cast_needs_manual_rounding, round_to
+
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def dequantize_tile(packed_ptr, absmax_ptr, codebook_ptr, rows, cols, mask, row_length,
+                    QUANT_BLOCKSIZE: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+                    DEQUANT_MANUAL_ROUNDING: tl.constexpr):
+    """``dequant(W4)[rows, cols]`` in ``DEQUANT_DTYPE`` (0 where ``mask`` is off), as bitsandbytes
+    computes it: float32 ``codebook[code] * absmax[block]``, rounded once. Blocks may straddle rows."""
+    flat = rows[:, None] * row_length + cols[None, :]
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0)
+    code = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
+    level = tl.load(codebook_ptr + code)  # 16 floats: stays in L1
+    scale = tl.load(absmax_ptr + flat // QUANT_BLOCKSIZE, mask=mask, other=0.0)
+    return round_to(level * scale, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
+
+
+@triton.jit
+def load_weight_tile(w_ptr, rows, cols, mask, stride_wi, stride_wj, row_length, absmax_ptr, codebook_ptr,
+                     WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+                     DEQUANT_MANUAL_ROUNDING: tl.constexpr):
+    """``W[rows, cols]`` of the logical ``(m, row_length)`` weight, 0 where ``mask`` is off: a strided
+    load of a dense W, or with ``WEIGHT_4BIT`` the packed codes at ``w_ptr`` dequantized."""
+    if WEIGHT_4BIT:
+        w = dequantize_tile(w_ptr, absmax_ptr, codebook_ptr, rows, cols, mask, row_length,
+                            QUANT_BLOCKSIZE, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
+    else:
+        w = tl.load(w_ptr + rows[:, None] * stride_wi + cols[None, :] * stride_wj, mask=mask, other=0.0)
+    return w
+
+
+def weight_operands(weight: torch.Tensor | PackedWeight4bit) -> tuple[torch.Tensor, int, int, dict]:
+    """``(w pointer tensor, stride_wi, stride_wj, keyword operands)`` of a kernel that reads W
+    through :func:`load_weight_tile`. For a dense W the 4-bit operands are placeholders (never
+    read: ``WEIGHT_4BIT`` is off); a 4-bit W has no strides (its codes are flat)."""
+    if isinstance(weight, PackedWeight4bit):
+        return weight.packed, 0, 0, dict(
+            absmax_ptr=weight.absmax, codebook_ptr=weight.codebook, WEIGHT_4BIT=True,
+            QUANT_BLOCKSIZE=weight.blocksize, DEQUANT_DTYPE=TRITON_DTYPES[weight.dtype],
+            DEQUANT_MANUAL_ROUNDING=cast_needs_manual_rounding(weight.dtype))
+    return weight, weight.stride(0), weight.stride(1), dict(
+        absmax_ptr=weight, codebook_ptr=weight, WEIGHT_4BIT=False, QUANT_BLOCKSIZE=1,
+        DEQUANT_DTYPE=tl.float32, DEQUANT_MANUAL_ROUNDING=False)
