@@ -86,16 +86,16 @@ def _perturbed_matmul_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
         if W_ROWS_ARE_N:
-            w = load_weight_tile(w_ptr, offs_n, offs_k, n_ok[:, None] & k_ok[None, :], stride_wi, stride_wj, K,
-                                 absmax_ptr, codebook_ptr, WEIGHT_4BIT, QUANT_BLOCKSIZE, DEQUANT_DTYPE,
-                                 DEQUANT_MANUAL_ROUNDING)
+            w = load_weight_tile(w_ptr, n_start, k_start, n_ok[:, None] & k_ok[None, :], stride_wi, stride_wj, K,
+                                 absmax_ptr, codebook_ptr, BLOCK_N, BLOCK_K, WEIGHT_4BIT, QUANT_BLOCKSIZE,
+                                 DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
             if HAS_NOISE:
                 w = w.to(tl.float32) + std_n[:, None] * z_next
             w = tl.trans(round_to(w, compute_dtype, MANUAL_BF16_ROUNDING))
         else:
-            w = load_weight_tile(w_ptr, offs_k, offs_n, k_ok[:, None] & n_ok[None, :], stride_wi, stride_wj, N,
-                                 absmax_ptr, codebook_ptr, WEIGHT_4BIT, QUANT_BLOCKSIZE, DEQUANT_DTYPE,
-                                 DEQUANT_MANUAL_ROUNDING)
+            w = load_weight_tile(w_ptr, k_start, n_start, k_ok[:, None] & n_ok[None, :], stride_wi, stride_wj, N,
+                                 absmax_ptr, codebook_ptr, BLOCK_K, BLOCK_N, WEIGHT_4BIT, QUANT_BLOCKSIZE,
+                                 DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
             if HAS_NOISE:
                 std_k = tl.load(row_std_ptr + offs_k, mask=k_ok, other=0.0)
                 w = w.to(tl.float32) + std_k[:, None] * z_next

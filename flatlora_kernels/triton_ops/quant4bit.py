@@ -18,33 +18,46 @@ import triton.language as tl
 from ..quant4bit import PackedWeight4bit
 from .common import cast_needs_manual_rounding, round_to
 
+# Tiles are at most 256 x 256: offsets within one stay below 255 * 2**23 + 4096 (a block) + 256 < 2**31.
+MAX_4BIT_ROW_LENGTH = 2**23
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def dequantize_tile(packed_ptr, absmax_ptr, codebook_ptr, rows, cols, mask, row_length,
-                    QUANT_BLOCKSIZE: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
-                    DEQUANT_MANUAL_ROUNDING: tl.constexpr):
-    """``dequant(W4)[rows, cols]`` in ``DEQUANT_DTYPE`` (0 where ``mask`` is off), as bitsandbytes
-    computes it: float32 ``codebook[code] * absmax[block]``, rounded once. Blocks may straddle rows."""
-    flat = rows[:, None] * row_length + cols[None, :]
-    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0)
-    code = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)
+def dequantize_tile(packed_ptr, absmax_ptr, codebook_ptr, row_start, col_start, mask, row_length,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr,
+                    DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr):
+    """``dequant(W4)`` on the ``(BLOCK_ROWS, BLOCK_COLS)`` tile at ``(row_start, col_start)``, in
+    ``DEQUANT_DTYPE`` (0 where ``mask`` is off), as bitsandbytes computes it: float32
+    ``codebook[code] * absmax[block]``, rounded once. Blocks may straddle rows."""
+    # Flat indices relative to the block boundary at or before the tile's corner stay in int32
+    # (the launcher bounds row_length); only this scalar origin needs 64 bits. Block sizes are
+    # even, so a local index has the parity of the flat one.
+    corner = tl.cast(row_start, tl.int64) * row_length + col_start
+    origin = corner - corner % QUANT_BLOCKSIZE
+    local = ((corner - origin).to(tl.int32) + tl.arange(0, BLOCK_ROWS)[:, None] * row_length
+             + tl.arange(0, BLOCK_COLS)[None, :])
+    byte = tl.load(packed_ptr + origin // 2 + (local >> 1), mask=mask, other=0).to(tl.int32)
+    code = (byte >> (((local & 1) ^ 1) * 4)) & 0xF  # even flat index: the high nibble
     level = tl.load(codebook_ptr + code)  # 16 floats: stays in L1
-    scale = tl.load(absmax_ptr + flat // QUANT_BLOCKSIZE, mask=mask, other=0.0)
+    scale = tl.load(absmax_ptr + origin // QUANT_BLOCKSIZE + local // QUANT_BLOCKSIZE, mask=mask, other=0.0)
     return round_to(level * scale, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
 
 
 @triton.jit
-def load_weight_tile(w_ptr, rows, cols, mask, stride_wi, stride_wj, row_length, absmax_ptr, codebook_ptr,
-                     WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+def load_weight_tile(w_ptr, row_start, col_start, mask, stride_wi, stride_wj, row_length, absmax_ptr, codebook_ptr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
+                     QUANT_BLOCKSIZE: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
                      DEQUANT_MANUAL_ROUNDING: tl.constexpr):
-    """``W[rows, cols]`` of the logical ``(m, row_length)`` weight, 0 where ``mask`` is off: a strided
-    load of a dense W, or with ``WEIGHT_4BIT`` the packed codes at ``w_ptr`` dequantized."""
+    """The ``(BLOCK_ROWS, BLOCK_COLS)`` tile of the logical ``(m, row_length)`` weight at
+    ``(row_start, col_start)``, 0 where ``mask`` is off: a strided load of a dense W, or with
+    ``WEIGHT_4BIT`` the packed codes at ``w_ptr`` dequantized."""
     if WEIGHT_4BIT:
-        w = dequantize_tile(w_ptr, absmax_ptr, codebook_ptr, rows, cols, mask, row_length,
-                            QUANT_BLOCKSIZE, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
+        w = dequantize_tile(w_ptr, absmax_ptr, codebook_ptr, row_start, col_start, mask, row_length,
+                            BLOCK_ROWS, BLOCK_COLS, QUANT_BLOCKSIZE, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
     else:
+        rows = tl.cast(row_start, tl.int64) + tl.arange(0, BLOCK_ROWS)
+        cols = tl.cast(col_start, tl.int64) + tl.arange(0, BLOCK_COLS)
         w = tl.load(w_ptr + rows[:, None] * stride_wi + cols[None, :] * stride_wj, mask=mask, other=0.0)
     return w
 
@@ -54,6 +67,11 @@ def weight_operands(weight: torch.Tensor | PackedWeight4bit) -> tuple[torch.Tens
     through :func:`load_weight_tile`. For a dense W the 4-bit operands are placeholders (never
     read: ``WEIGHT_4BIT`` is off); a 4-bit W has no strides (its codes are flat)."""
     if isinstance(weight, PackedWeight4bit):
+        if weight.shape[1] > MAX_4BIT_ROW_LENGTH:
+            raise ValueError(f"the Triton kernels read 4-bit weights with rows of at most {MAX_4BIT_ROW_LENGTH} "
+                             f"elements (int32 offsets within a tile); this one has {weight.shape[1]}")
+        if weight.blocksize % 2:
+            raise ValueError(f"4-bit block sizes are even in bitsandbytes; got {weight.blocksize}")
         return weight.packed, 0, 0, dict(
             absmax_ptr=weight.absmax, codebook_ptr=weight.codebook, WEIGHT_4BIT=True,
             QUANT_BLOCKSIZE=weight.blocksize, DEQUANT_DTYPE=TRITON_DTYPES[weight.dtype],

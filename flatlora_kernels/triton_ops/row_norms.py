@@ -27,7 +27,8 @@ def _merged_row_norms_kernel(
     DEQUANT_MANUAL_ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     b = tl.load(b_ptr + rows[:, None] * stride_bm + ranks[None, :] * stride_br,
@@ -36,9 +37,9 @@ def _merged_row_norms_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        w = load_weight_tile(w_ptr, rows, cols, row_ok[:, None] & col_ok[None, :], stride_wm, stride_wn, N,
-                             absmax_ptr, codebook_ptr, WEIGHT_4BIT, QUANT_BLOCKSIZE, DEQUANT_DTYPE,
-                             DEQUANT_MANUAL_ROUNDING).to(tl.float32)
+        w = load_weight_tile(w_ptr, row_start, col_start, row_ok[:, None] & col_ok[None, :], stride_wm, stride_wn, N,
+                             absmax_ptr, codebook_ptr, BLOCK_M, BLOCK_N, WEIGHT_4BIT, QUANT_BLOCKSIZE,
+                             DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING).to(tl.float32)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_an,
                     mask=(ranks[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
         merged = w + scaling * tl.dot(b, a, input_precision="ieee")
