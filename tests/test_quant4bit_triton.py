@@ -183,3 +183,11 @@ def test_malformed_packed_weights_are_refused():
         perturbed_matmul_triton(torch.randn(2, 10), dataclasses.replace(weight, blocksize=3, absmax=torch.ones(20)),
                                 transpose_weight=True, seed=1, row_std=None, bias=None, lora_left=None,
                                 lora_right=None, scaling=1.0, keep=None, keep_scale=1.0, out_dtype=torch.float32)
+
+
+def test_4bit_weights_have_their_own_16bit_configurations():
+    names = [name for name, _ in MATMUL_CONFIGS.distinct(torch.bfloat16, weight_4bit=True)]
+    assert names == ["4bit-bulk", "4bit-decode"]
+    assert MATMUL_CONFIGS.distinct(torch.float32, weight_4bit=True) == MATMUL_CONFIGS.distinct(torch.float32)
+    with pytest.raises(ValueError, match="unknown configurations \\['nonexistent'\\]"):
+        type(MATMUL_CONFIGS)(MATMUL_CONFIGS.configs, MATMUL_CONFIGS.entries, {"16bit-decode": "nonexistent"})

@@ -12,16 +12,27 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .noise import _write_noise_kernel
 from .perturbed_matmul import MATMUL_CONFIGS, _perturbed_matmul_kernel, fast_noise, launch_options
+from .quant4bit import TRITON_DTYPES
 from .row_norms import _merged_row_norms_kernel
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 NOISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 128}
 ROW_NORMS_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 16}
+QUANT_BLOCKSIZE = 64  # the 4-bit variants: QLoRA's usual NF4 blocks (the block size is a constexpr)
+
+
+def weight_4bit_constexprs(dtype: torch.dtype | None) -> dict:
+    """The constexprs of :func:`~flatlora_kernels.triton_ops.quant4bit.load_weight_tile`: a 4-bit W
+    dequantized to ``dtype``, or a dense W when ``dtype`` is None."""
+    return dict(WEIGHT_4BIT=dtype is not None, QUANT_BLOCKSIZE=QUANT_BLOCKSIZE if dtype is not None else 1,
+                DEQUANT_DTYPE=TRITON_DTYPES[dtype] if dtype is not None else tl.float32,
+                DEQUANT_MANUAL_ROUNDING=False)
 
 
 @dataclass(frozen=True)
@@ -30,7 +41,8 @@ class Variant:
 
     ``role`` is "noise", "row_norms", "forward" or "dX". For the kernels that regenerate noise,
     ``noise_tile`` is the ``(rows, columns)`` of Z made per program and loop iteration and
-    ``token_tile`` how many tokens that one noise tile serves.
+    ``token_tile`` how many tokens that one noise tile serves. ``weight_4bit`` marks a variant that
+    reads a packed NF4/FP4 W (dequantized in registers).
     """
 
     name: str
@@ -44,15 +56,17 @@ class Variant:
     token_tile: int | None = None
     config: str = ""
     divisible_by_16: tuple[str, ...] = ()
+    weight_4bit: bool = False
 
     @property
     def num_warps(self) -> int:
         return self.options.get("num_warps", 4)
 
 
-def _matmul_types(dtype: torch.dtype) -> dict:
+def _matmul_types(dtype: torch.dtype, weight_4bit: bool) -> dict:
     return {
-        "a_ptr": POINTER_TYPES[dtype], "w_ptr": POINTER_TYPES[dtype], "row_std_ptr": "*fp32",
+        "a_ptr": POINTER_TYPES[dtype], "w_ptr": "*u8" if weight_4bit else POINTER_TYPES[dtype], "row_std_ptr": "*fp32",
+        "absmax_ptr": "*fp32", "codebook_ptr": "*fp32",
         "bias_ptr": POINTER_TYPES[dtype], "left_ptr": "*fp32", "right_ptr": "*fp32", "keep_ptr": "*i1",
         "out_ptr": POINTER_TYPES[dtype], "M": "i32", "N": "i32", "K": "i32", "R": "i32",
         "scaling": "fp32", "keep_scale": "fp32", "seed_lo": "i64", "seed_hi": "i64",
@@ -64,44 +78,64 @@ def _matmul_types(dtype: torch.dtype) -> dict:
 # divisibility hint. Without this the compiled loop would use scalar loads a GPU never runs.
 UNIT_STRIDES = ("stride_ak", "stride_wj", "stride_on", "stride_kn")
 DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "row_std_ptr", "bias_ptr", "left_ptr", "right_ptr", "keep_ptr", "out_ptr",
-                   "N", "K", "stride_am", "stride_wi", "stride_om", "stride_km")
+                   "absmax_ptr", "codebook_ptr", "N", "K", "stride_am", "stride_wi", "stride_om", "stride_km")
 
 
-def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: dict) -> Variant:
-    """The perturbed matmul as launched on a GPU for one table entry (see ``MATMUL_CONFIGS``)."""
+def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: dict,
+                   weight_4bit: bool = False) -> Variant:
+    """The perturbed matmul as launched on a GPU for one table entry (see ``MATMUL_CONFIGS``), over
+    a dense W or (``weight_4bit``) a packed 4-bit W whose values are in ``dtype``."""
     blocks, options = launch_options(config)
     constexprs = dict(**dict.fromkeys(UNIT_STRIDES, 1),W_ROWS_ARE_N=forward, HAS_NOISE=True, HAS_BIAS=forward, HAS_LORA=True,
                       HAS_KEEP=not forward, UPCAST_DOT=False, MANUAL_BF16_ROUNDING=False,
-                      FP32_PRECISION="tf32", FAST_NOISE=fast_noise(dtype), BLOCK_R=16, **blocks)
+                      FP32_PRECISION="tf32", FAST_NOISE=fast_noise(dtype), BLOCK_R=16, **blocks,
+                      **weight_4bit_constexprs(dtype if weight_4bit else None))
     constexprs = {k: v for k, v in constexprs.items() if k in _perturbed_matmul_kernel.arg_names}
     noise_rows, noise_cols = ((blocks["BLOCK_N"], blocks["BLOCK_K"]) if forward
                               else (blocks["BLOCK_K"], blocks["BLOCK_N"]))
     direction = "forward" if forward else "dX"
-    return Variant(f"perturbed_matmul {direction} {str(dtype).replace('torch.', '')} {config_name}",
-                   _perturbed_matmul_kernel, _matmul_types(dtype), constexprs, options, role=direction,
+    suffix = f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else ""
+    return Variant(f"perturbed_matmul {direction} {str(dtype).replace('torch.', '')} {config_name}{suffix}",
+                   _perturbed_matmul_kernel, _matmul_types(dtype, weight_4bit), constexprs, options, role=direction,
                    dtype=dtype, noise_tile=(noise_rows, noise_cols), token_tile=blocks["BLOCK_M"],
-                   config=config_name, divisible_by_16=DIVISIBLE_BY_16)
+                   config=config_name, divisible_by_16=DIVISIBLE_BY_16, weight_4bit=weight_4bit)
+
+
+def row_norms_variant(dtype: torch.dtype, weight_4bit: bool = False) -> Variant:
+    """The merged-norms kernel over a dense ``dtype`` W or a packed 4-bit W dequantized to ``dtype``."""
+    name = str(dtype).replace('torch.', '')
+    return Variant(
+        f"row_norms w={name}" + (f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else ""), _merged_row_norms_kernel,
+        {"w_ptr": "*u8" if weight_4bit else POINTER_TYPES[dtype], "a_ptr": "*fp32", "b_ptr": "*fp32",
+         "out_ptr": "*fp32", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32",
+         "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32",
+         **{s: "i64" for s in ("stride_wm", "stride_wn", "stride_ar", "stride_an", "stride_bm", "stride_br")}},
+        dict(ROW_NORMS_BLOCK, stride_wn=1, stride_an=1, stride_br=1,
+             **weight_4bit_constexprs(dtype if weight_4bit else None)),
+        role="row_norms", dtype=dtype, weight_4bit=weight_4bit,
+        divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N", "stride_wm",
+                         "stride_ar"))
 
 
 def variants() -> list[Variant]:
     """Every kernel variant a GPU can launch: the noise writer, the norms, and the perturbed matmul
-    in both directions for every dtype and every distinct entry of its configuration table."""
+    in both directions for every dtype and every distinct entry of its configuration table; and
+    over a 4-bit W (QLoRA, bf16) the norms and both directions of the matmul for every 16-bit entry
+    (as the table replaces it for 4-bit weights)."""
     out = [Variant("noise" + (" fast-math" if fast else ""), _write_noise_kernel,
                    {"out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_om": "i32", "stride_on": "i32",
                     "seed_lo": "i64", "seed_hi": "i64"}, dict(NOISE_BLOCK, FAST_MATH=fast), role="noise",
                    dtype=torch.float32, noise_tile=(NOISE_BLOCK["BLOCK_M"], NOISE_BLOCK["BLOCK_N"]),
                    config="materialise") for fast in (False, True)]
     for dtype in POINTER_TYPES:
-        out.append(Variant(
-            f"row_norms w={str(dtype).replace('torch.', '')}", _merged_row_norms_kernel,
-            {"w_ptr": POINTER_TYPES[dtype], "a_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32",
-             "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32",
-             **{s: "i64" for s in ("stride_wm", "stride_wn", "stride_ar", "stride_an", "stride_bm", "stride_br")}},
-            dict(ROW_NORMS_BLOCK, stride_wn=1, stride_an=1, stride_br=1), role="row_norms", dtype=dtype,
-            divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "out_ptr", "N", "stride_wm", "stride_ar")))
+        out.append(row_norms_variant(dtype))
         for forward in (True, False):
             for config_name, config in MATMUL_CONFIGS.distinct(dtype):
                 out.append(matmul_variant(dtype, forward, config_name, config))
+    out.append(row_norms_variant(torch.bfloat16, weight_4bit=True))
+    for forward in (True, False):
+        for config_name, config in MATMUL_CONFIGS.distinct(torch.bfloat16, weight_4bit=True):
+            out.append(matmul_variant(torch.bfloat16, forward, config_name, config, weight_4bit=True))
     return out
 
 

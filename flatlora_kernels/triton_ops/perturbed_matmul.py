@@ -137,18 +137,25 @@ class MatmulConfigTable:
     * token class: "decode" for at most 64 token rows, else "bulk".
 
     ``configs`` maps a name to block sizes and launch options; ``entries`` maps each class triple to
-    a name. Under the interpreter every launch uses the small "interpreter" blocks unless a test
+    a name; ``packed`` replaces some of those names for a 4-bit W, whose in-register dequantization
+    needs registers of its own. Under the interpreter every launch uses the small "interpreter" blocks unless a test
     forces a table entry with :meth:`force` (so each GPU configuration also runs on the CPU).
     """
 
     CLASSES = [(d, s, t) for d in ("fp32", "16bit") for s in ("narrow", "wide") for t in ("decode", "bulk")]
 
-    def __init__(self, configs: dict[str, dict], entries: dict[tuple[str, str, str], str]):
+    def __init__(self, configs: dict[str, dict], entries: dict[tuple[str, str, str], str],
+                 packed: dict[str, str] | None = None):
         missing = [key for key in self.CLASSES if key not in entries]
         if missing:
             raise ValueError(f"configuration table has no entry for {missing}")
+        packed = packed or {}
+        unknown = sorted((set(entries.values()) | set(packed) | set(packed.values())) - set(configs))
+        if unknown:
+            raise ValueError(f"configuration table names unknown configurations {unknown}")
         self.configs = configs
         self.entries = entries
+        self.packed = packed
         self._forced: str | None = None
 
     @staticmethod
@@ -156,18 +163,22 @@ class MatmulConfigTable:
         return ("fp32" if dtype == torch.float32 else "16bit", "narrow" if out_columns < 128 else "wide",
                 "decode" if tokens <= 64 else "bulk")
 
-    def select(self, dtype: torch.dtype, tokens: int, out_columns: int) -> tuple[str, dict]:
+    def select(self, dtype: torch.dtype, tokens: int, out_columns: int,
+               weight_4bit: bool = False) -> tuple[str, dict]:
         if self._forced is not None:
             return self._forced, self.configs[self._forced]
         if INTERPRETER:
             return "interpreter", INTERPRETER_CONFIG
         name = self.entries[self.classify(dtype, tokens, out_columns)]
+        if weight_4bit:
+            name = self.packed.get(name, name)
         return name, self.configs[name]
 
-    def distinct(self, dtype: torch.dtype) -> list[tuple[str, dict]]:
-        """The configurations a GPU can launch for ``dtype``, each once."""
+    def distinct(self, dtype: torch.dtype, weight_4bit: bool = False) -> list[tuple[str, dict]]:
+        """The configurations a GPU can launch for ``dtype`` (over a 4-bit W with ``weight_4bit``), each once."""
         dtype_class = "fp32" if dtype == torch.float32 else "16bit"
-        names = dict.fromkeys(name for key, name in self.entries.items() if key[0] == dtype_class)
+        names = dict.fromkeys(self.packed.get(name, name) if weight_4bit else name
+                              for key, name in self.entries.items() if key[0] == dtype_class)
         return [(name, self.configs[name]) for name in names]
 
     @contextlib.contextmanager
@@ -187,7 +198,9 @@ INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_war
 # by predicted iteration time over MMA time: the noise of a W tile costs the same whatever BLOCK_M
 # is, so bulk 16-bit launches serve 256 tokens per regenerated tile; decode-like launches (<= 64
 # tokens) use 64-token tiles and 64 W rows so more programs cover W. None has local-memory traffic
-# in its K-loop on sm_90. Not yet timed on a GPU.
+# in its K-loop on sm_90. Not yet timed on a GPU. Over a 4-bit W, the 16-bit bulk entries spill in
+# the K-loop (the dequantization's codes, scales and addresses on top of the 256-token accumulator),
+# and so does "16bit-decode" (2 LDL/STL): they take 32-column K steps, and 2 stages, instead.
 MATMUL_CONFIGS = MatmulConfigTable(
     configs={
         "fp32-bulk": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
@@ -195,6 +208,8 @@ MATMUL_CONFIGS = MatmulConfigTable(
         "16bit-bulk-wide": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
         "16bit-bulk-narrow": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         "16bit-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        "4bit-bulk": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+        "4bit-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
     },
     entries={
         **{("fp32", shape, "bulk"): "fp32-bulk" for shape in ("narrow", "wide")},
@@ -203,6 +218,7 @@ MATMUL_CONFIGS = MatmulConfigTable(
         ("16bit", "narrow", "bulk"): "16bit-bulk-narrow",
         **{("16bit", shape, "decode"): "16bit-decode" for shape in ("narrow", "wide")},
     },
+    packed={"16bit-bulk-wide": "4bit-bulk", "16bit-bulk-narrow": "4bit-bulk", "16bit-decode": "4bit-decode"},
 )
 
 
@@ -248,7 +264,7 @@ def perturbed_matmul_triton(
     left = lora_left if has_lora else unused
     right = lora_right if has_lora else unused
     keep_t = keep if keep is not None else unused
-    cfg = dict(MATMUL_CONFIGS.select(out_dtype, M, N)[1])
+    cfg = dict(MATMUL_CONFIGS.select(out_dtype, M, N, weight_4bit=isinstance(weight, PackedWeight4bit))[1])
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _perturbed_matmul_kernel[grid](
         a, w, row_std if row_std is not None else unused, bias if bias is not None else unused,
