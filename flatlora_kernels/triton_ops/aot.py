@@ -19,18 +19,19 @@ from triton.compiler import ASTSource
 from .noise import _write_noise_kernel
 from .perturbed_matmul import MATMUL_CONFIGS, _perturbed_matmul_kernel, fast_noise, launch_options
 from .quant4bit import TRITON_DTYPES
-from .row_norms import _merged_row_norms_kernel
+from .row_norms import _merged_row_norms_kernel, row_norms_blocks
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 NOISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 128}
-ROW_NORMS_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 16}
 QUANT_BLOCKSIZE = 64  # the 4-bit variants: QLoRA's usual NF4 blocks (the block size is a constexpr)
 
 
-def weight_4bit_constexprs(dtype: torch.dtype | None) -> dict:
+def weight_4bit_constexprs(dtype: torch.dtype | None, whole_block_rows: bool = True) -> dict:
     """The constexprs of :func:`~flatlora_kernels.triton_ops.quant4bit.load_weight_tile`: a 4-bit W
-    dequantized to ``dtype``, or a dense W when ``dtype`` is None."""
+    dequantized to ``dtype`` (rows of whole quantization blocks, or blocks that straddle rows), or a
+    dense W when ``dtype`` is None."""
     return dict(WEIGHT_4BIT=dtype is not None, QUANT_BLOCKSIZE=QUANT_BLOCKSIZE if dtype is not None else 1,
+                WHOLE_BLOCK_ROWS=dtype is not None and whole_block_rows,
                 DEQUANT_DTYPE=TRITON_DTYPES[dtype] if dtype is not None else tl.float32,
                 DEQUANT_MANUAL_ROUNDING=False)
 
@@ -82,19 +83,20 @@ DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "row_std_ptr", "bias_ptr", "left_ptr", "rig
 
 
 def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: dict,
-                   weight_4bit: bool = False) -> Variant:
+                   weight_4bit: bool = False, whole_block_rows: bool = True) -> Variant:
     """The perturbed matmul as launched on a GPU for one table entry (see ``MATMUL_CONFIGS``), over
-    a dense W or (``weight_4bit``) a packed 4-bit W whose values are in ``dtype``."""
+    a dense W or (``weight_4bit``) a packed 4-bit W whose values are in ``dtype``, with rows of whole
+    quantization blocks or not."""
     blocks, options = launch_options(config)
     constexprs = dict(**dict.fromkeys(UNIT_STRIDES, 1),W_ROWS_ARE_N=forward, HAS_NOISE=True, HAS_BIAS=forward, HAS_LORA=True,
                       HAS_KEEP=not forward, UPCAST_DOT=False, MANUAL_BF16_ROUNDING=False,
                       FP32_PRECISION="tf32", FAST_NOISE=fast_noise(dtype), BLOCK_R=16, **blocks,
-                      **weight_4bit_constexprs(dtype if weight_4bit else None))
+                      **weight_4bit_constexprs(dtype if weight_4bit else None, whole_block_rows))
     constexprs = {k: v for k, v in constexprs.items() if k in _perturbed_matmul_kernel.arg_names}
     noise_rows, noise_cols = ((blocks["BLOCK_N"], blocks["BLOCK_K"]) if forward
                               else (blocks["BLOCK_K"], blocks["BLOCK_N"]))
     direction = "forward" if forward else "dX"
-    suffix = f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else ""
+    suffix = (f" 4-bit/{QUANT_BLOCKSIZE}" + ("" if whole_block_rows else " straddling")) if weight_4bit else ""
     return Variant(f"perturbed_matmul {direction} {str(dtype).replace('torch.', '')} {config_name}{suffix}",
                    _perturbed_matmul_kernel, _matmul_types(dtype, weight_4bit), constexprs, options, role=direction,
                    dtype=dtype, noise_tile=(noise_rows, noise_cols), token_tile=blocks["BLOCK_M"],
@@ -104,13 +106,14 @@ def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: 
 def row_norms_variant(dtype: torch.dtype, weight_4bit: bool = False) -> Variant:
     """The merged-norms kernel over a dense ``dtype`` W or a packed 4-bit W dequantized to ``dtype``."""
     name = str(dtype).replace('torch.', '')
+    block_m, block_n = row_norms_blocks(weight_4bit)
     return Variant(
         f"row_norms w={name}" + (f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else ""), _merged_row_norms_kernel,
         {"w_ptr": "*u8" if weight_4bit else POINTER_TYPES[dtype], "a_ptr": "*fp32", "b_ptr": "*fp32",
          "out_ptr": "*fp32", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32",
          "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32",
          **{s: "i64" for s in ("stride_wm", "stride_wn", "stride_ar", "stride_an", "stride_bm", "stride_br")}},
-        dict(ROW_NORMS_BLOCK, stride_wn=1, stride_an=1, stride_br=1,
+        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, stride_wn=1, stride_an=1, stride_br=1,
              **weight_4bit_constexprs(dtype if weight_4bit else None)),
         role="row_norms", dtype=dtype, weight_4bit=weight_4bit,
         divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N", "stride_wm",
@@ -121,7 +124,8 @@ def variants() -> list[Variant]:
     """Every kernel variant a GPU can launch: the noise writer, the norms, and the perturbed matmul
     in both directions for every dtype and every distinct entry of its configuration table; and
     over a 4-bit W (QLoRA, bf16) the norms and both directions of the matmul for every 16-bit entry
-    (as the table replaces it for 4-bit weights)."""
+    (as the table replaces it for 4-bit weights), for rows of whole quantization blocks (every real
+    model) and for blocks that straddle rows."""
     out = [Variant("noise" + (" fast-math" if fast else ""), _write_noise_kernel,
                    {"out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_om": "i32", "stride_on": "i32",
                     "seed_lo": "i64", "seed_hi": "i64"}, dict(NOISE_BLOCK, FAST_MATH=fast), role="noise",
@@ -135,7 +139,9 @@ def variants() -> list[Variant]:
     out.append(row_norms_variant(torch.bfloat16, weight_4bit=True))
     for forward in (True, False):
         for config_name, config in MATMUL_CONFIGS.distinct(torch.bfloat16, weight_4bit=True):
-            out.append(matmul_variant(torch.bfloat16, forward, config_name, config, weight_4bit=True))
+            for whole_block_rows in (True, False):
+                out.append(matmul_variant(torch.bfloat16, forward, config_name, config, weight_4bit=True,
+                                          whole_block_rows=whole_block_rows))
     return out
 
 

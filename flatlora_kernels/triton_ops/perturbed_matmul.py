@@ -46,7 +46,7 @@ def _perturbed_matmul_kernel(
     HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
     FAST_NOISE: tl.constexpr, WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr,
-    DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr,
+    WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -86,16 +86,16 @@ def _perturbed_matmul_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         a = round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
         if W_ROWS_ARE_N:
-            w = load_weight_tile(w_ptr, n_start, k_start, n_ok[:, None] & k_ok[None, :], stride_wi, stride_wj, K,
-                                 absmax_ptr, codebook_ptr, BLOCK_N, BLOCK_K, WEIGHT_4BIT, QUANT_BLOCKSIZE,
-                                 DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
+            w = load_weight_tile(w_ptr, n_start, k_start, N, K, stride_wi, stride_wj, absmax_ptr, codebook_ptr,
+                                 BLOCK_N, BLOCK_K, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
+                                 DEQUANT_MANUAL_ROUNDING)
             if HAS_NOISE:
                 w = w.to(tl.float32) + std_n[:, None] * z_next
             w = tl.trans(round_to(w, compute_dtype, MANUAL_BF16_ROUNDING))
         else:
-            w = load_weight_tile(w_ptr, k_start, n_start, k_ok[:, None] & n_ok[None, :], stride_wi, stride_wj, N,
-                                 absmax_ptr, codebook_ptr, BLOCK_K, BLOCK_N, WEIGHT_4BIT, QUANT_BLOCKSIZE,
-                                 DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
+            w = load_weight_tile(w_ptr, k_start, n_start, K, N, stride_wi, stride_wj, absmax_ptr, codebook_ptr,
+                                 BLOCK_K, BLOCK_N, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
+                                 DEQUANT_MANUAL_ROUNDING)
             if HAS_NOISE:
                 std_k = tl.load(row_std_ptr + offs_k, mask=k_ok, other=0.0)
                 w = w.to(tl.float32) + std_k[:, None] * z_next
@@ -198,9 +198,9 @@ INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_war
 # by predicted iteration time over MMA time: the noise of a W tile costs the same whatever BLOCK_M
 # is, so bulk 16-bit launches serve 256 tokens per regenerated tile; decode-like launches (<= 64
 # tokens) use 64-token tiles and 64 W rows so more programs cover W. None has local-memory traffic
-# in its K-loop on sm_90. Not yet timed on a GPU. Over a 4-bit W, the 16-bit bulk entries spill in
-# the K-loop (the dequantization's codes, scales and addresses on top of the 256-token accumulator),
-# and so does "16bit-decode" (2 LDL/STL): they take 32-column K steps, and 2 stages, instead.
+# in its K-loop on sm_90. Not yet timed on a GPU. Over a 4-bit W (rows of whole quantization
+# blocks), "16bit-bulk-wide" spills in the K-loop (the dequantization's codes and scales on top of
+# its 256 x 128 accumulator), so wide outputs take the narrow bulk tiles too.
 MATMUL_CONFIGS = MatmulConfigTable(
     configs={
         "fp32-bulk": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
@@ -208,8 +208,6 @@ MATMUL_CONFIGS = MatmulConfigTable(
         "16bit-bulk-wide": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
         "16bit-bulk-narrow": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         "16bit-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-        "4bit-bulk": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-        "4bit-decode": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
     },
     entries={
         **{("fp32", shape, "bulk"): "fp32-bulk" for shape in ("narrow", "wide")},
@@ -218,7 +216,7 @@ MATMUL_CONFIGS = MatmulConfigTable(
         ("16bit", "narrow", "bulk"): "16bit-bulk-narrow",
         **{("16bit", shape, "decode"): "16bit-decode" for shape in ("narrow", "wide")},
     },
-    packed={"16bit-bulk-wide": "4bit-bulk", "16bit-bulk-narrow": "4bit-bulk", "16bit-decode": "4bit-decode"},
+    packed={"16bit-bulk-wide": "16bit-bulk-narrow"},
 )
 
 

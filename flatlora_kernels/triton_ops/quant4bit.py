@@ -24,41 +24,67 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 
 
 @triton.jit
-def dequantize_tile(packed_ptr, absmax_ptr, codebook_ptr, row_start, col_start, mask, row_length,
+def dequantize_tile(packed_ptr, absmax_ptr, codebook_ptr, row_start, col_start, row_count, row_length,
                     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr,
-                    DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr):
-    """``dequant(W4)`` on the ``(BLOCK_ROWS, BLOCK_COLS)`` tile at ``(row_start, col_start)``, in
-    ``DEQUANT_DTYPE`` (0 where ``mask`` is off), as bitsandbytes computes it: float32
-    ``codebook[code] * absmax[block]``, rounded once. Blocks may straddle rows."""
-    # Flat indices relative to the block boundary at or before the tile's corner stay in int32
-    # (the launcher bounds row_length); only this scalar origin needs 64 bits. Block sizes are
-    # even, so a local index has the parity of the flat one.
-    corner = tl.cast(row_start, tl.int64) * row_length + col_start
-    origin = corner - corner % QUANT_BLOCKSIZE
-    local = ((corner - origin).to(tl.int32) + tl.arange(0, BLOCK_ROWS)[:, None] * row_length
-             + tl.arange(0, BLOCK_COLS)[None, :])
-    byte = tl.load(packed_ptr + origin // 2 + (local >> 1), mask=mask, other=0).to(tl.int32)
-    code = (byte >> (((local & 1) ^ 1) * 4)) & 0xF  # even flat index: the high nibble
+                    WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+                    DEQUANT_MANUAL_ROUNDING: tl.constexpr):
+    """``dequant(W4)`` on the ``(BLOCK_ROWS, BLOCK_COLS)`` tile at ``(row_start, col_start)`` of the
+    ``(row_count, row_length)`` weight, in ``DEQUANT_DTYPE`` (0 outside the weight), as bitsandbytes
+    computes it: float32 ``codebook[code] * absmax[block]``, rounded once. ``col_start`` is a
+    multiple of ``BLOCK_COLS``.
+
+    ``WHOLE_BLOCK_ROWS`` (rows of a whole number of blocks, as in every real model) reads each byte
+    once for its two codes and, when a tile row lies in one block, one scale per tile row; otherwise
+    blocks may straddle rows and every element is addressed on its own."""
+    rows = tl.cast(row_start, tl.int64) + tl.arange(0, BLOCK_ROWS)
+    cols = col_start + tl.arange(0, BLOCK_COLS)
+    row_ok = rows < row_count
+    mask = row_ok[:, None] & (cols < row_length)[None, :]
+    if WHOLE_BLOCK_ROWS:
+        # A tile row's codes are consecutive bytes (rows are even), high nibble first.
+        pairs = col_start // 2 + tl.arange(0, BLOCK_COLS // 2)
+        byte = tl.load(packed_ptr + rows[:, None] * (row_length // 2) + pairs[None, :],
+                       mask=row_ok[:, None] & (pairs < row_length // 2)[None, :], other=0)
+        code = tl.interleave(byte >> 4, byte & 0xF)
+        blocks_per_row = row_length // QUANT_BLOCKSIZE
+        if QUANT_BLOCKSIZE % BLOCK_COLS == 0:
+            scale = tl.load(absmax_ptr + rows * blocks_per_row + col_start // QUANT_BLOCKSIZE, mask=row_ok,
+                            other=0.0)[:, None]
+        else:
+            scale = tl.load(absmax_ptr + (rows * blocks_per_row)[:, None] + (cols // QUANT_BLOCKSIZE)[None, :],
+                            mask=mask, other=0.0)
+    else:
+        # Flat indices relative to the block boundary at or before the tile's corner stay in int32
+        # (the launcher bounds row_length); only this scalar origin needs 64 bits. Block sizes are
+        # even, so a local index has the parity of the flat one.
+        corner = tl.cast(row_start, tl.int64) * row_length + col_start
+        origin = corner - corner % QUANT_BLOCKSIZE
+        local = ((corner - origin).to(tl.int32) + tl.arange(0, BLOCK_ROWS)[:, None] * row_length
+                 + tl.arange(0, BLOCK_COLS)[None, :])
+        byte = tl.load(packed_ptr + origin // 2 + (local >> 1), mask=mask, other=0).to(tl.int32)
+        code = (byte >> (((local & 1) ^ 1) * 4)) & 0xF  # even flat index: the high nibble
+        scale = tl.load(absmax_ptr + origin // QUANT_BLOCKSIZE + local // QUANT_BLOCKSIZE, mask=mask, other=0.0)
     level = tl.load(codebook_ptr + code)  # 16 floats: stays in L1
-    scale = tl.load(absmax_ptr + origin // QUANT_BLOCKSIZE + local // QUANT_BLOCKSIZE, mask=mask, other=0.0)
     return round_to(level * scale, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
 
 
 @triton.jit
-def load_weight_tile(w_ptr, row_start, col_start, mask, stride_wi, stride_wj, row_length, absmax_ptr, codebook_ptr,
+def load_weight_tile(w_ptr, row_start, col_start, row_count, row_length, stride_wi, stride_wj, absmax_ptr, codebook_ptr,
                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
-                     QUANT_BLOCKSIZE: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+                     QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
                      DEQUANT_MANUAL_ROUNDING: tl.constexpr):
-    """The ``(BLOCK_ROWS, BLOCK_COLS)`` tile of the logical ``(m, row_length)`` weight at
-    ``(row_start, col_start)``, 0 where ``mask`` is off: a strided load of a dense W, or with
-    ``WEIGHT_4BIT`` the packed codes at ``w_ptr`` dequantized."""
+    """The ``(BLOCK_ROWS, BLOCK_COLS)`` tile of the logical ``(row_count, row_length)`` weight at
+    ``(row_start, col_start)``, 0 outside it: a strided load of a dense W, or with ``WEIGHT_4BIT``
+    the packed codes at ``w_ptr`` dequantized. ``col_start`` is a multiple of ``BLOCK_COLS``."""
     if WEIGHT_4BIT:
-        w = dequantize_tile(w_ptr, absmax_ptr, codebook_ptr, row_start, col_start, mask, row_length,
-                            BLOCK_ROWS, BLOCK_COLS, QUANT_BLOCKSIZE, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING)
+        w = dequantize_tile(w_ptr, absmax_ptr, codebook_ptr, row_start, col_start, row_count, row_length,
+                            BLOCK_ROWS, BLOCK_COLS, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
+                            DEQUANT_MANUAL_ROUNDING)
     else:
         rows = tl.cast(row_start, tl.int64) + tl.arange(0, BLOCK_ROWS)
         cols = tl.cast(col_start, tl.int64) + tl.arange(0, BLOCK_COLS)
-        w = tl.load(w_ptr + rows[:, None] * stride_wi + cols[None, :] * stride_wj, mask=mask, other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * stride_wi + cols[None, :] * stride_wj,
+                    mask=(rows < row_count)[:, None] & (cols < row_length)[None, :], other=0.0)
     return w
 
 
@@ -74,8 +100,9 @@ def weight_operands(weight: torch.Tensor | PackedWeight4bit) -> tuple[torch.Tens
             raise ValueError(f"4-bit block sizes are even in bitsandbytes; got {weight.blocksize}")
         return weight.packed, 0, 0, dict(
             absmax_ptr=weight.absmax, codebook_ptr=weight.codebook, WEIGHT_4BIT=True,
-            QUANT_BLOCKSIZE=weight.blocksize, DEQUANT_DTYPE=TRITON_DTYPES[weight.dtype],
+            QUANT_BLOCKSIZE=weight.blocksize, WHOLE_BLOCK_ROWS=weight.shape[1] % weight.blocksize == 0,
+            DEQUANT_DTYPE=TRITON_DTYPES[weight.dtype],
             DEQUANT_MANUAL_ROUNDING=cast_needs_manual_rounding(weight.dtype))
     return weight, weight.stride(0), weight.stride(1), dict(
         absmax_ptr=weight, codebook_ptr=weight, WEIGHT_4BIT=False, QUANT_BLOCKSIZE=1,
-        DEQUANT_DTYPE=tl.float32, DEQUANT_MANUAL_ROUNDING=False)
+        WHOLE_BLOCK_ROWS=False, DEQUANT_DTYPE=tl.float32, DEQUANT_MANUAL_ROUNDING=False)

@@ -23,8 +23,8 @@ def _merged_row_norms_kernel(
     M, N, R,
     stride_wm, stride_wn, stride_ar, stride_an, stride_bm, stride_br,
     scaling, absmax_ptr, codebook_ptr,
-    WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
-    DEQUANT_MANUAL_ROUNDING: tl.constexpr,
+    WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr,
+    DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
@@ -37,9 +37,9 @@ def _merged_row_norms_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        w = load_weight_tile(w_ptr, row_start, col_start, row_ok[:, None] & col_ok[None, :], stride_wm, stride_wn, N,
-                             absmax_ptr, codebook_ptr, BLOCK_M, BLOCK_N, WEIGHT_4BIT, QUANT_BLOCKSIZE,
-                             DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING).to(tl.float32)
+        w = load_weight_tile(w_ptr, row_start, col_start, M, N, stride_wm, stride_wn, absmax_ptr, codebook_ptr,
+                             BLOCK_M, BLOCK_N, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
+                             DEQUANT_MANUAL_ROUNDING).to(tl.float32)
         a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_an,
                     mask=(ranks[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
         merged = w + scaling * tl.dot(b, a, input_precision="ieee")
@@ -52,6 +52,12 @@ def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def row_norms_blocks(weight_4bit: bool) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` on a GPU; over a 4-bit W, 32-column tiles keep the dequantization out of
+    local memory on sm_90 (128 columns spill)."""
+    return 64, 32 if weight_4bit else 128
+
+
 def merged_row_norms_triton(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
                             scaling: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 ``(m,)`` norms of the rows of ``W + scaling * lora_B @ lora_A``; ``W`` dense or 4-bit."""
@@ -61,8 +67,7 @@ def merged_row_norms_triton(weight: torch.Tensor | PackedWeight4bit, lora_A: tor
         out = torch.empty(m, dtype=torch.float32, device=weight.device)
     if m == 0:
         return out
-    block_m = 16 if INTERPRETER else 64
-    block_n = 32 if INTERPRETER else 128
+    block_m, block_n = (16, 32) if INTERPRETER else row_norms_blocks(isinstance(weight, PackedWeight4bit))
     w, stride_wm, stride_wn, weight_4bit = weight_operands(weight)
     _merged_row_norms_kernel[(cdiv(m, block_m),)](
         w, lora_A, lora_B, out, m, n, r,
