@@ -97,6 +97,22 @@ def test_fused_forward_dx_and_norms_equal_the_dequantized_reference(quant_type, 
     assert_unchanged(weight, before)
 
 
+@pytest.mark.parametrize("quant_type,m,n", [("nf4", 45, 77), ("fp4", 29, 256)])
+def test_tiles_dequantize_bit_for_bit(quant_type, m, n):
+    """Without noise or LoRA, one-hot tokens read W back exactly (one product per output, the rest
+    zeros): each element of the in-register tiles equals bitsandbytes' dequantization, forward
+    (``I @ W^T``) and dX (``I @ W``), on both paths (blocks straddling rows, rows of whole blocks)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        weight = packed_weight(m, n, quant_type=quant_type, blocksize=64, dtype=dtype)
+        expected = weight.dequantize()
+        for forward in (True, False):
+            eye = torch.eye(n if forward else m, dtype=dtype)
+            read = perturbed_matmul_triton(eye, weight, transpose_weight=forward, seed=SEED, row_std=None, bias=None,
+                                           lora_left=None, lora_right=None, scaling=1.0, keep=None, keep_scale=1.0,
+                                           out_dtype=dtype)
+            assert torch.equal(read.t() if forward else read, expected), (dtype, forward)
+
+
 @pytest.mark.parametrize("weight_dtype,compute_dtype", [(torch.bfloat16, torch.float32),
                                                         (torch.float16, torch.bfloat16),
                                                         (torch.float32, torch.float16)])
