@@ -14,7 +14,8 @@ int64_t block_rows(int64_t n);
 // Philox4x32-10 words of (N, 4) counters under a 64-bit key: the raw stream, for tests.
 at::Tensor philox_words(int64_t seed, const at::Tensor& counters);
 
-at::Tensor generate_noise_cpu(int64_t seed, int64_t m, int64_t n);
+// Z(seed)[row_offset : row_offset + m, col_offset : col_offset + n].
+at::Tensor generate_noise_cpu(int64_t seed, int64_t m, int64_t n, int64_t row_offset, int64_t col_offset);
 at::Tensor merged_row_norms_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
                                 double scaling);
 at::Tensor perturbed_matmul_cpu(const at::Tensor& a, const at::Tensor& weight, bool transpose_weight, int64_t seed,
@@ -22,10 +23,11 @@ at::Tensor perturbed_matmul_cpu(const at::Tensor& a, const at::Tensor& weight, b
                                 const std::optional<at::Tensor>& lora_left,
                                 const std::optional<at::Tensor>& lora_right, double scaling,
                                 const std::optional<at::Tensor>& keep, double keep_scale,
-                                const std::string& out_dtype);
+                                const std::string& out_dtype, int64_t noise_row_offset, int64_t noise_col_offset);
 
 #ifdef FLATLORA_WITH_CUDA
-at::Tensor generate_noise_cuda(int64_t seed, int64_t m, int64_t n, int64_t device_index);
+at::Tensor generate_noise_cuda(int64_t seed, int64_t m, int64_t n, int64_t row_offset, int64_t col_offset,
+                               int64_t device_index);
 #endif
 
 }  // namespace flatlora

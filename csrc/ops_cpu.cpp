@@ -37,19 +37,19 @@ void check_2d(const at::Tensor& t, const char* name) {
 
 constexpr int kLanes = 16;
 
-// Rows [row0, row0 + rows) of Z(seed), float32 (rows, n). Philox runs in C++ (vectorised over
+// Z(seed)[row0 : row0 + rows, col0 : col0 + n], float32 (rows, n). Philox runs in C++ (vectorised over
 // lanes, rows in parallel) and writes the uniforms; the Box-Muller transcendentals run as ATen's
 // vectorised float ops, step for step as the contract (and the torch reference) writes them.
 // Philox words -> uniforms for rows [begin, end) of a block; compiled for AVX-512, AVX2 and the
 // baseline, picked at run time, so the lane loop is vectorised wherever the CPU allows.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void fill_uniforms(float* ur, float* ua, int64_t row0, int64_t begin, int64_t end, int64_t quads, uint32_t k0,
-                   uint32_t k1) {
+void fill_uniforms(float* ur, float* ua, int64_t row0, int64_t quad0, int64_t begin, int64_t end, int64_t quads,
+                   uint32_t k0, uint32_t k1) {
   uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
   for (int64_t r = begin; r < end; ++r) {
     for (int64_t q0 = 0; q0 < quads; q0 += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
-        c0[l] = static_cast<uint32_t>(q0 + l);
+        c0[l] = static_cast<uint32_t>(quad0 + q0 + l);
         c1[l] = static_cast<uint32_t>(row0 + r);
         c2[l] = 0u;
         c3[l] = 0u;
@@ -68,8 +68,10 @@ void fill_uniforms(float* ur, float* ua, int64_t row0, int64_t begin, int64_t en
   }
 }
 
-at::Tensor noise_block(uint64_t seed, int64_t row0, int64_t rows, int64_t n) {
-  const int64_t quads = (n + 3) / 4;
+at::Tensor noise_block(uint64_t seed, int64_t row0, int64_t rows, int64_t col0, int64_t n) {
+  // Whole Philox calls cover columns [4 * quad0, 4 * (quad0 + quads)); the block is cut out of them.
+  const int64_t quad0 = col0 / 4, skip = col0 % 4;
+  const int64_t quads = (skip + n + 3) / 4;
   // [..., k, 0]: the radius word of pair k, [..., k, 1]: its angle word (pairs (x0, x1), (x2, x3)).
   auto radius = at::empty({rows, quads, 2}, at::kFloat);
   auto angle = at::empty({rows, quads, 2}, at::kFloat);
@@ -77,7 +79,7 @@ at::Tensor noise_block(uint64_t seed, int64_t row0, int64_t rows, int64_t n) {
   float* ua = angle.data_ptr<float>();
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    fill_uniforms(ur, ua, row0, begin, end, quads, k0, k1);
+    fill_uniforms(ur, ua, row0, quad0, begin, end, quads, k0, k1);
   });
   radius.log_().mul_(-2.0).sqrt_();
   angle.mul_(2.0).sub_(1.0).mul_(kPi);
@@ -86,7 +88,7 @@ at::Tensor noise_block(uint64_t seed, int64_t row0, int64_t rows, int64_t n) {
   auto cos_part = z.select(3, 0), sin_part = z.select(3, 1);
   at::cos_out(cos_part, angle).mul_(radius);
   at::sin_out(sin_part, angle).mul_(radius);
-  return z.view({rows, 4 * quads}).narrow(1, 0, n);
+  return z.view({rows, 4 * quads}).narrow(1, skip, n);
 }
 
 at::ScalarType parse_dtype(const std::string& name) {
@@ -119,14 +121,20 @@ at::Tensor philox_words(int64_t seed, const at::Tensor& counters) {
   return out;
 }
 
-at::Tensor generate_noise_cpu(int64_t seed, int64_t m, int64_t n) {
-  TORCH_CHECK(m >= 0 && n >= 0 && m <= (int64_t{1} << 32) && n <= (int64_t{1} << 34),
-              "flatlora native CPU op: noise shape (", m, ", ", n, ") is outside the contract's index space");
+void check_noise_block(int64_t row0, int64_t m, int64_t col0, int64_t n) {
+  TORCH_CHECK(m >= 0 && n >= 0 && row0 >= 0 && col0 >= 0 && row0 + m <= (int64_t{1} << 32) &&
+                  col0 + n <= (int64_t{1} << 34),
+              "flatlora native CPU op: noise block rows [", row0, ", ", row0 + m, ") x columns [", col0, ", ", col0 + n,
+              ") is outside the contract's 2^32 x 2^34 index space");
+}
+
+at::Tensor generate_noise_cpu(int64_t seed, int64_t m, int64_t n, int64_t row_offset, int64_t col_offset) {
+  check_noise_block(row_offset, m, col_offset, n);
   auto out = at::empty({m, n}, at::kFloat);
   const int64_t rows = block_rows(n);
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t len = std::min(rows, m - r0);
-    out.narrow(0, r0, len).copy_(noise_block(static_cast<uint64_t>(seed), r0, len, n));
+    out.narrow(0, r0, len).copy_(noise_block(static_cast<uint64_t>(seed), row_offset + r0, len, col_offset, n));
   }
   return out;
 }
@@ -159,7 +167,8 @@ at::Tensor perturbed_matmul_cpu(const at::Tensor& a, const at::Tensor& weight, b
                                 const std::optional<at::Tensor>& lora_left,
                                 const std::optional<at::Tensor>& lora_right, double scaling,
                                 const std::optional<at::Tensor>& keep, double keep_scale,
-                                const std::string& out_dtype_name) {
+                                const std::string& out_dtype_name, int64_t noise_row_offset,
+                                int64_t noise_col_offset) {
   const auto out_dtype = parse_dtype(out_dtype_name);
   check_cpu(a, "a");
   check_cpu(weight, "weight");
@@ -176,6 +185,7 @@ at::Tensor perturbed_matmul_cpu(const at::Tensor& a, const at::Tensor& weight, b
     TORCH_CHECK(row_std->scalar_type() == at::kFloat && row_std->dim() == 1 && row_std->size(0) == m,
                 "flatlora native CPU op: row_std must be float32 of shape (", m, "), got ", row_std->scalar_type(),
                 " ", row_std->sizes());
+    check_noise_block(noise_row_offset, m, noise_col_offset, n);
   }
   if (bias) {
     check_cpu(*bias, "bias");
@@ -209,7 +219,8 @@ at::Tensor perturbed_matmul_cpu(const at::Tensor& a, const at::Tensor& weight, b
     const int64_t len = std::min(rows, m - r0);
     auto block = weight.narrow(0, r0, len).to(at::kFloat, false, /*copy=*/true);
     if (row_std) {
-      block.addcmul_(noise_block(static_cast<uint64_t>(seed), r0, len, n), row_std->narrow(0, r0, len).unsqueeze(1));
+      block.addcmul_(noise_block(static_cast<uint64_t>(seed), noise_row_offset + r0, len, noise_col_offset, n),
+                     row_std->narrow(0, r0, len).unsqueeze(1));
     }
     if (out_dtype != at::kFloat) block = block.to(out_dtype).to(at::kFloat);
     if (transpose_weight && len == m) {

@@ -2,8 +2,9 @@
 (Triton on CUDA, native C++ on the CPU when built, else the torch reference).
 
 Every backend provides the same three operations with the reference's semantics:
-``noise(seed, m, n, device)``, ``row_norms(weight, lora_A, lora_B, scaling)`` and
-``perturbed_matmul(a, weight, **kwargs)`` (see :mod:`flatlora_kernels.reference`).
+``noise(seed, m, n, device, offset=(r0, c0))``, ``row_norms(weight, lora_A, lora_B, scaling)`` and
+``perturbed_matmul(a, weight, **kwargs)`` (see :mod:`flatlora_kernels.reference`); ``offset`` and
+``perturbed_matmul``'s ``noise_offset`` place the weight inside a larger logical one (tensor parallelism).
 
 A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`) runs where the backend reads
 packed weights: the Triton kernels dequantize its tiles in registers; the native ops take dense

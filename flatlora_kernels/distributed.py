@@ -12,10 +12,14 @@ every column of a row, so they are built from **sharded partial sums reduced acr
 3. those vectors are summed over the mesh dimensions the weight is sharded along (one all-reduce of
    ``m`` floats each), and the square root gives the norms, the same on every rank.
 
-``W`` itself is never gathered. The noise needs no such care: it is a function of the global
-``(i, j)`` only, and FSDP2 runs the forward on the unsharded weight. This is a collective: every
-rank of the mesh must call it, in the same order (the :class:`~flatlora_kernels.FlatLora`
-controller resamples its layers in one fixed order on every rank).
+``W`` itself is never gathered. This is a collective: every rank of the mesh must call it, in
+the same order (the :class:`~flatlora_kernels.FlatLora` controller resamples its layers in one
+fixed order on every rank).
+
+The noise is a function of the global ``(i, j)`` only. FSDP2 runs the forward on the unsharded
+weight, so nothing changes there. Under tensor parallelism the weight stays sharded in the
+forward: :func:`tensor_parallel_perturbed_linear` multiplies each rank's shard, perturbed by the
+block of ``Z`` at the shard's offset, and returns the ``DTensor`` that ``F.linear`` would.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from .noise import seed_to_int64
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -38,6 +44,20 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
+def local_block(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The local shard of a ``DTensor`` ``(out, in)`` matrix and its offset ``(r0, c0)`` in the logical
+    matrix (empty shards too); Shard and Replicate placements only."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in weight.placements:
+        if not isinstance(placement, (Shard, Replicate)):
+            raise NotImplementedError(f"a weight with placement {placement} (only Shard and Replicate placements "
+                                      "are supported)")
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return weight.to_local(), (int(offset[0]), int(offset[1]))
+
+
 def sharded_merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                              local_row_norms: Callable[..., torch.Tensor]) -> torch.Tensor:
     """``||W_i + s·B_i A||_2`` for every row of a ``DTensor`` weight (see the module docstring).
@@ -47,17 +67,12 @@ def sharded_merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B:
     tensors. ``local_row_norms(weight, lora_A, lora_B, scaling)`` is the backend's single-device
     norms op. Returns a plain float32 ``(m,)`` tensor, replicated on every rank.
     """
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor import Shard
 
     mesh, placements = weight.device_mesh, weight.placements
-    for placement in placements:
-        if not isinstance(placement, (Shard, Replicate)):
-            raise NotImplementedError(f"filter norms of a weight with placement {placement} (only Shard and "
-                                      "Replicate placements are supported)")
-    (rows, cols), (r0, c0) = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
+    local, (r0, c0) = local_block(weight)
+    rows, cols = local.shape
     lora_A, lora_B = _whole(lora_A), _whole(lora_B)
-    local = weight.to_local()
     sums = torch.zeros(weight.shape[0], dtype=torch.float32, device=local.device)
     if rows and cols:
         block_norms = local_row_norms(local, lora_A[:, c0:c0 + cols], lora_B[r0:r0 + rows], scaling)
@@ -66,3 +81,69 @@ def sharded_merged_row_norms(weight: torch.Tensor, lora_A: torch.Tensor, lora_B:
         if isinstance(placement, Shard):
             torch.distributed.all_reduce(sums, group=mesh.get_group(mesh_dim))
     return sums.sqrt_()
+
+
+def tensor_parallel_perturbed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                     perturbed_local_linear: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``x (W + diag(c) Z)^T + bias`` for a ``DTensor`` weight, each rank on its own shard.
+
+    ``weight`` is the logical ``(out, in)`` DTensor; per mesh dimension it is sharded by rows
+    (``ColwiseParallel``: ``x`` replicated, output sharded on its last dimension), by columns
+    (``RowwiseParallel``: ``x`` sharded on its last dimension, output a partial sum) or replicated.
+    ``x`` (a DTensor, or a plain tensor taken as replicated) is redistributed to what the weight
+    needs, as ``F.linear`` on DTensors would. ``perturbed_local_linear(x_local, w_local, noise_offset)``
+    is the single-device op (the layer passes :func:`~flatlora_kernels.functional._flat_lora_linear`
+    with its seed and its slice of ``c``); it sees the shard and the shard's offset, so every rank
+    regenerates exactly its block of the global ``Z``. Returns a DTensor with the placements
+    ``F.linear`` gives (the layer's tensor-parallel output hooks then redistribute it); the bias,
+    a DTensor sharded like the output or replicated, is added by DTensor's own rules.
+    """
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    local_weight, offset = local_block(weight)
+    mesh = weight.device_mesh
+    out_dim = x.dim() - 1
+    # Per mesh dimension: the layout x needs, the layout of x's gradient (a rank that holds some rows
+    # of W sees only their share of dX: a partial sum), and the output's layout.
+    x_placements, x_grad_placements, out_placements = [], [], []
+    for placement in weight.placements:
+        if placement == Shard(0):
+            x_placements.append(Replicate())
+            x_grad_placements.append(Partial())
+            out_placements.append(Shard(out_dim))
+        elif placement == Shard(1):
+            x_placements.append(Shard(out_dim))
+            x_grad_placements.append(Shard(out_dim))
+            out_placements.append(Partial())
+        else:
+            x_placements.append(Replicate())
+            x_grad_placements.append(Replicate())
+            out_placements.append(Replicate())
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    x = x.redistribute(mesh, x_placements)
+    local_out = perturbed_local_linear(x.to_local(grad_placements=x_grad_placements), local_weight, offset)
+    out = DTensor.from_local(local_out, mesh, out_placements, run_check=False)
+    return out if bias is None else out + bias
+
+
+def check_seed_shared_across_shards(seed: int, weight: torch.Tensor, layer: str) -> None:
+    """Raise unless every rank holding a shard of ``weight`` uses the same noise ``seed`` (a collective).
+
+    A tensor-parallel layer's shards are blocks of one perturbed matrix; with different seeds they
+    would be blocks of different ones, silently. Called once per sample, not per forward.
+    """
+    from torch.distributed.tensor import Shard
+
+    mine = torch.tensor([seed_to_int64(seed)], dtype=torch.int64, device=weight.to_local().device)
+    for mesh_dim, placement in enumerate(weight.placements):
+        if not isinstance(placement, Shard):
+            continue
+        group = weight.device_mesh.get_group(mesh_dim)
+        seeds = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(seeds, mine, group=group)
+        if any(int(other) != int(mine) for other in seeds):
+            raise ValueError(f"{layer}: the ranks that hold shards of this tensor-parallel weight drew different "
+                             "noise seeds, so their blocks would belong to different perturbations; a "
+                             "tensor-parallel model needs one sample per layer: apply_flat_lora(..., "
+                             "per_rank_noise=False)")

@@ -22,8 +22,12 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
 
 
-def _check_lora(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-    tensors = (("lora_A", lora_A), ("lora_B", lora_B))
+def _check_lora(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor | None,
+                lora_B: torch.Tensor | None) -> None:
+    """The weight and, when given, LoRA factors that fit it (both or neither)."""
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B come together: pass both or neither")
+    tensors = (("lora_A", lora_A), ("lora_B", lora_B)) if lora_A is not None else ()
     if not isinstance(weight, PackedWeight4bit):
         tensors = (("weight", weight),) + tensors
     for name, t in tensors:
@@ -32,6 +36,8 @@ def _check_lora(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, l
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
         if t.device != weight.device:
             raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+    if lora_A is None:
+        return
     m, n = weight.shape
     r = lora_A.shape[0]
     if r == 0:
@@ -55,8 +61,24 @@ def check_row_std(row_std: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError("row_std must hold finite values >= 0 (got NaN, inf or a negative entry)")
 
 
-def generate_noise(seed: int, out_features: int, in_features: int, *, device=None) -> torch.Tensor:
-    """The float32 ``(out_features, in_features)`` matrix ``Z(seed)`` that the kernels regenerate.
+def check_noise_offset(offset: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
+    """``(r0, c0)``: non-negative ints that place a ``rows x cols`` block inside the contract's
+    ``2**32 x 2**34`` index space."""
+    if not isinstance(offset, (tuple, list)) or len(offset) != 2:
+        raise TypeError(f"noise_offset must be a pair (row_offset, col_offset), got {offset!r}")
+    row_offset = checks.nonnegative_int("row offset", offset[0])
+    col_offset = checks.nonnegative_int("column offset", offset[1])
+    if row_offset + rows > 2**32 or col_offset + cols > 2**34:
+        raise ValueError(f"a {rows} x {cols} block at offset ({row_offset}, {col_offset}) leaves the noise "
+                         "contract's 2**32 x 2**34 index space")
+    return row_offset, col_offset
+
+
+def generate_noise(seed: int, out_features: int, in_features: int, *, device=None,
+                   offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The float32 ``(out_features, in_features)`` matrix ``Z(seed)`` that the kernels regenerate, or with
+    ``offset = (r0, c0)`` its block ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]`` (what a
+    tensor-parallel shard whose first element is ``(r0, c0)`` of the logical weight regenerates).
 
     See :mod:`flatlora_kernels.noise` for the exact definition. This materialises it, with the
     precise ``ln``/``sin``/``cos``; the training paths never materialise it, and the fused 16-bit
@@ -66,10 +88,9 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
     check_seed(seed)
     out_features = checks.nonnegative_int("out_features", out_features)
     in_features = checks.nonnegative_int("in_features", in_features)
-    if out_features > 2**32 or in_features > 2**34:
-        raise ValueError("the noise contract indexes at most 2**32 rows and 2**34 columns")
+    offset = check_noise_offset(offset, out_features, in_features)
     device = torch.device("cpu" if device is None else device)
-    return get_backend(device).noise(seed, out_features, in_features, device)
+    return get_backend(device).noise(seed, out_features, in_features, device, offset=offset)
 
 
 def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -99,32 +120,33 @@ def perturbed_matmul_op(
     a: torch.Tensor, weight: torch.Tensor, transpose_weight: bool, seed: int, row_std: Optional[torch.Tensor],
     bias: Optional[torch.Tensor], lora_left: Optional[torch.Tensor], lora_right: Optional[torch.Tensor],
     scaling: float, keep: Optional[torch.Tensor], keep_scale: float, out_dtype: torch.dtype,
+    noise_row_offset: int, noise_col_offset: int,
 ) -> torch.Tensor:
     """The registered operator behind the layer: one opaque node for ``torch.compile``; it runs the
     selected backend (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`)."""
     return get_backend(a.device).perturbed_matmul(
         a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
         lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
-        out_dtype=out_dtype)
+        out_dtype=out_dtype, noise_offset=(noise_row_offset, noise_col_offset))
 
 
 @perturbed_matmul_op.register_fake
 def _perturbed_matmul_fake(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
-                           keep, keep_scale, out_dtype):
+                           keep, keep_scale, out_dtype, noise_row_offset, noise_col_offset):
     return a.new_empty((a.shape[0], weight.shape[0] if transpose_weight else weight.shape[1]), dtype=out_dtype)
 
 
 def _perturbed_matmul(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling, keep,
-                      keep_scale, out_dtype):
+                      keep_scale, out_dtype, noise_offset):
     """The registered op for a dense weight; a 4-bit base (a dataclass, which the op cannot take)
     calls its backend directly: the fused Triton kernel, or the reference's row-block path."""
     if isinstance(weight, PackedWeight4bit):
         return get_backend(a.device, weight).perturbed_matmul(
             a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
             lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
-            out_dtype=out_dtype)
+            out_dtype=out_dtype, noise_offset=noise_offset)
     return perturbed_matmul_op(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
-                               keep, keep_scale, out_dtype)
+                               keep, keep_scale, out_dtype, *noise_offset)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -140,24 +162,28 @@ class FlatLoraLinearFunction(torch.autograd.Function):
     the parameters: nothing of size ``out_features x in_features``. ``W`` may be a 4-bit base
     (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`), dequantized tile by tile in the Triton
     kernels, else a block of rows at a time.
+    Without LoRA factors (``lora_A = lora_B = None``) it is the perturbed base linear alone.
+    ``noise_offset`` is where ``W`` starts in the logical weight (a tensor-parallel shard).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, seed, row_std, dropout_p,
-                compute_dtype, lora_dtype):
-        x_lora = x.to(lora_dtype)
-        keep = None
-        if dropout_p > 0:
-            # The dropout mask comes from torch's generator, exactly like PEFT's nn.Dropout.
-            keep = torch.rand(x.shape, device=x.device) >= dropout_p
-            x_lora = x_lora * keep * (1.0 / (1.0 - dropout_p))
-        lora_hidden = x_lora @ lora_A.to(lora_dtype).t()
-        y = _perturbed_matmul(x, weight, True, seed, row_std, bias, lora_hidden, lora_B.t(), scaling,
-                              None, 1.0, compute_dtype)
+                compute_dtype, lora_dtype, noise_offset):
+        keep = lora_hidden = None
+        if lora_A is not None:
+            x_lora = x.to(lora_dtype)
+            if dropout_p > 0:
+                # The dropout mask comes from torch's generator, exactly like PEFT's nn.Dropout.
+                keep = torch.rand(x.shape, device=x.device) >= dropout_p
+                x_lora = x_lora * keep * (1.0 / (1.0 - dropout_p))
+            lora_hidden = x_lora @ lora_A.to(lora_dtype).t()
+        y = _perturbed_matmul(x, weight, True, seed, row_std, bias, lora_hidden,
+                              None if lora_B is None else lora_B.t(), scaling, None, 1.0, compute_dtype, noise_offset)
         packed = isinstance(weight, PackedWeight4bit)
         ctx.packed_weight = weight if packed else None  # not a tensor: kept by reference, like a parameter
         ctx.save_for_backward(x, None if packed else weight, lora_A, lora_B, row_std, keep, lora_hidden)
-        ctx.config = (scaling, seed, dropout_p, compute_dtype, lora_dtype, None if bias is None else bias.dtype)
+        ctx.config = (scaling, seed, dropout_p, compute_dtype, lora_dtype, None if bias is None else bias.dtype,
+                      noise_offset)
         return y
 
     @staticmethod
@@ -165,15 +191,16 @@ class FlatLoraLinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, row_std, keep, lora_hidden = ctx.saved_tensors
         if ctx.packed_weight is not None:
             weight = ctx.packed_weight
-        scaling, seed, dropout_p, compute_dtype, lora_dtype, bias_dtype = ctx.config
+        scaling, seed, dropout_p, compute_dtype, lora_dtype, bias_dtype, noise_offset = ctx.config
         keep_scale = 1.0 / (1.0 - dropout_p)
         with torch.autocast(x.device.type, enabled=False):
             grad_lora = grad_y.to(lora_dtype)
-            grad_hidden = grad_lora @ lora_B.to(lora_dtype)  # dL/d(x_lora A^T) / scaling
+            # dL/d(x_lora A^T) / scaling
+            grad_hidden = None if lora_B is None else grad_lora @ lora_B.to(lora_dtype)
             grad_x = grad_A = grad_B = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_x = _perturbed_matmul(grad_y, weight, False, seed, row_std, None, grad_hidden, lora_A,
-                                           scaling, keep, keep_scale, compute_dtype).to(x.dtype)
+                                           scaling, keep, keep_scale, compute_dtype, noise_offset).to(x.dtype)
             if ctx.needs_input_grad[3]:
                 x_lora = x.to(lora_dtype)
                 if keep is not None:
@@ -183,12 +210,13 @@ class FlatLoraLinearFunction(torch.autograd.Function):
                 grad_B = (scaling * (grad_lora.t() @ lora_hidden)).to(lora_B.dtype)
             if bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = grad_y.float().sum(0).to(bias_dtype)
-        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None
 
 
 def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, bias: torch.Tensor | None,
-                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, seed: int,
-                     row_std: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+                     lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, *, seed: int,
+                     row_std: torch.Tensor | None, dropout_p: float = 0.0,
+                     noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """LoRA linear layer evaluated at the perturbed merged weight ``W + diag(row_std) Z(seed) + s·BA``.
 
     Args:
@@ -198,12 +226,16 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, b
             is dequantized and perturbed tile by tile in registers by the Triton backend, else a
             bounded block of rows at a time.
         bias: ``(out_features,)`` or None; gets a gradient if it requires one.
-        lora_A, lora_B: ``(r, in_features)`` and ``(out_features, r)``.
+        lora_A, lora_B: ``(r, in_features)`` and ``(out_features, r)``, or both None for the
+            perturbed base layer alone (``x (W + diag(c) Z)^T + bias``).
         scaling: the LoRA scale ``s``.
         seed: 64-bit noise seed (Python int in ``[0, 2**64)``).
         row_std: float32 ``(out_features,)`` per-row noise std ``c`` (finite, >= 0), or None for
             plain LoRA.
         dropout_p: dropout on the LoRA path only, as in PEFT (pass 0 in eval).
+        noise_offset: ``(r0, c0)`` when ``weight`` is the block of a larger logical weight that starts
+            at row ``r0`` and column ``c0`` (a tensor-parallel shard): it is perturbed with
+            ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]``, the noise the whole weight has there.
 
     Returns ``(..., out_features)`` in the input's dtype, or the autocast dtype under autocast.
     Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; the noise is regenerated, not
@@ -213,12 +245,13 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, b
         _check_lora(weight, lora_A, lora_B)
         check_row_std(row_std, weight)
     return _flat_lora_linear(x, weight, bias, lora_A, lora_B, scaling, seed=seed, row_std=row_std,
-                             dropout_p=dropout_p)
+                             dropout_p=dropout_p, noise_offset=noise_offset)
 
 
 def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, bias: torch.Tensor | None,
-                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, seed: int,
-                      row_std: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+                      lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, *, seed: int,
+                      row_std: torch.Tensor | None, dropout_p: float = 0.0,
+                      noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """:func:`flat_lora_linear` without reading ``row_std``'s values, for callers inside the package
     that built ``c`` themselves: the layer (checked once per sample, not per call) and the
     flatness toolkit (whose signed steps along a direction need negative ``c``)."""
@@ -240,14 +273,15 @@ def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, 
     scaling = checks.finite_real("scaling", scaling)
     seed64 = seed_to_int64(seed)
     dropout_p = checks.probability("dropout_p", dropout_p)
+    noise_offset = check_noise_offset(noise_offset, m, n)
 
     autocast_dtype = _autocast_dtype(x.device.type)
     compute_dtype = autocast_dtype or x.dtype
-    lora_dtype = autocast_dtype or lora_A.dtype
+    lora_dtype = autocast_dtype or (x.dtype if lora_A is None else lora_A.dtype)
     if compute_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"autocast dtype {compute_dtype} is not supported")
     x2 = x.reshape(-1, n)
     with torch.autocast(x.device.type, enabled=False):
         y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, seed64, row_std,
-                                         dropout_p, compute_dtype, lora_dtype)
+                                         dropout_p, compute_dtype, lora_dtype, noise_offset)
     return y.reshape(*x.shape[:-1], m)

@@ -9,6 +9,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from . import checks
+from .distributed import check_seed_shared_across_shards, is_dtensor, tensor_parallel_perturbed_linear
 from .functional import SUPPORTED_DTYPES, _flat_lora_linear, check_row_std, merged_row_norms
 from .noise import check_seed
 from .quant4bit import CODEBOOKS, PackedWeight4bit, is_4bit_weight
@@ -91,6 +92,7 @@ class _FlatLoraNoise:
     def _reset_noise_state(self) -> None:
         self.noise_seed = None
         self.noise_row_std = None
+        self._seed_checked_across_shards: int | None = None  # the seed last found shared by every shard's rank
 
     @classmethod
     def from_lora_linear(cls, layer: torch.nn.Module):
@@ -164,10 +166,46 @@ class _FlatLoraNoise:
         row_std = self.noise_row_std
         if row_std.device != weight.device:
             row_std = self.noise_row_std = row_std.to(weight.device)
+        if is_dtensor(weight):
+            return self._tensor_parallel_forward(x, weight, row_std)
         # row_std was checked once, when the sample was drawn
         return _flat_lora_linear(
             x, weight, self.get_base_layer().bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
             self.scaling[adapter], seed=self.noise_seed, row_std=row_std, dropout_p=dropout_p)
+
+    def _tensor_parallel_forward(self, x: torch.Tensor, weight: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
+        """PEFT's own forward with only the base layer's matmul replaced by the shard-wise perturbed one.
+
+        The base layer's tensor-parallel hooks (input and output layouts) and the LoRA modules, sharded
+        or not, run exactly as in plain PEFT, so every combination plain PEFT accepts trains the same
+        way; the LoRA term is PEFT's, not fused into the kernel epilogue.
+        """
+        seed = self.noise_seed
+        if self._seed_checked_across_shards != seed:
+            check_seed_shared_across_shards(seed, weight, type(self).__name__)
+            self._seed_checked_across_shards = seed
+        base = self.get_base_layer()
+
+        def perturbed_local_linear(x_local, weight_local, offset):
+            rows = row_std[offset[0]:offset[0] + weight_local.shape[0]]
+            return _flat_lora_linear(x_local, weight_local, None, None, None, 0.0, seed=seed, row_std=rows,
+                                     noise_offset=offset)
+
+        def perturbed_base_forward(x_in, *args, **kwargs):
+            return tensor_parallel_perturbed_linear(x_in, weight, base.bias, perturbed_local_linear)
+
+        # An instance attribute shadows the class's forward for this one call; nn.Module.__call__
+        # still runs the hooks that parallelize_module registered around it.
+        base.forward = perturbed_base_forward
+        try:
+            return super().forward(x)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"{type(self).__name__} over a tensor-parallel base layer: {exc}. Plain PEFT fails the same "
+                "way here: the base layer's output layout must match the LoRA path's (see the README, "
+                "'Tensor parallelism', for the plans that work)") from exc
+        finally:
+            del base.forward
 
     def __repr__(self) -> str:
         return "flatlora." + super().__repr__().removeprefix("lora.")

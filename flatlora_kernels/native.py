@@ -39,14 +39,14 @@ def native_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def generate_noise_native(seed: int, m: int, n: int, device) -> torch.Tensor:
+def generate_noise_native(seed: int, m: int, n: int, device, *, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cuda":
         if not native_cuda_available():
             raise RuntimeError("the native extension was built without CUDA; use the triton backend on GPUs")
-        return _C.generate_noise_cuda(seed_to_int64(seed), m, n, device.index if device.index is not None
+        return _C.generate_noise_cuda(seed_to_int64(seed), m, n, *offset, device.index if device.index is not None
                                       else torch.cuda.current_device())
-    return _C.generate_noise_cpu(seed_to_int64(seed), m, n).to(device)
+    return _C.generate_noise_cpu(seed_to_int64(seed), m, n, *offset).to(device)
 
 
 def merged_row_norms_native(weight, lora_A, lora_B, scaling, *, out=None) -> torch.Tensor:
@@ -55,10 +55,11 @@ def merged_row_norms_native(weight, lora_A, lora_B, scaling, *, out=None) -> tor
 
 
 def perturbed_matmul_native(a, weight, *, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
-                            keep, keep_scale, out_dtype, out=None) -> torch.Tensor:
+                            keep, keep_scale, out_dtype, noise_offset=(0, 0), out=None) -> torch.Tensor:
     """Semantics of :func:`flatlora_kernels.reference.perturbed_matmul`, in C++ on bounded blocks."""
     result = _C.perturbed_matmul_cpu(a, weight, transpose_weight, seed_to_int64(seed), row_std, bias, lora_left,
-                                     lora_right, float(scaling), keep, float(keep_scale), _DTYPE_NAMES[out_dtype])
+                                     lora_right, float(scaling), keep, float(keep_scale), _DTYPE_NAMES[out_dtype],
+                                     *noise_offset)
     return result if out is None else out.copy_(result)
 
 

@@ -184,10 +184,14 @@ def reference_noise_block(seed: int, row_start: int, row_end: int, col_start: in
     return z[:, skip:skip + col_end - col_start]
 
 
-def reference_noise(seed: int, m: int, n: int, device=None, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """The whole ``(m, n)`` matrix ``Z(seed)`` in plain torch, built a bounded block of rows at a time."""
+def reference_noise(seed: int, m: int, n: int, device=None, rows_per_chunk: int = 1024, *,
+                    offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """``Z(seed)[r0 : r0 + m, c0 : c0 + n]`` with ``(r0, c0) = offset`` (the whole matrix by default) in
+    plain torch, built a bounded block of rows at a time."""
+    row_offset, col_offset = offset
     out = torch.empty(m, n, dtype=torch.float32, device=device)
     for start in range(0, m, rows_per_chunk):
         stop = min(m, start + rows_per_chunk)
-        out[start:stop] = reference_noise_block(seed, start, stop, 0, n, device=device)
+        out[start:stop] = reference_noise_block(seed, row_offset + start, row_offset + stop, col_offset,
+                                                col_offset + n, device=device)
     return out

@@ -33,12 +33,15 @@ def _weight_rows(weight: torch.Tensor | PackedWeight4bit, start: int, stop: int)
 
 
 def perturbed_weight(weight: torch.Tensor, seed: int, row_std: torch.Tensor | None,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """``(W + diag(c) Z(seed))`` summed in float32 and rounded once to ``dtype``."""
+                     dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """``(W + diag(c) Z(seed)[r0:, c0:])`` summed in float32 and rounded once to ``dtype``.
+
+    ``noise_offset = (r0, c0)`` places ``W`` in a larger logical matrix (a tensor-parallel shard).
+    """
     if row_std is None:
         return weight.to(dtype)
     m, n = weight.shape
-    noise = reference_noise(seed, m, n, device=weight.device)
+    noise = reference_noise(seed, m, n, device=weight.device, offset=noise_offset)
     return (weight.float() + row_std.float()[:, None] * noise).to(dtype)
 
 
@@ -46,7 +49,7 @@ def perturbed_matmul(
     a: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, *, transpose_weight: bool, seed: int,
     row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
     lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
-    out_dtype: torch.dtype, out: torch.Tensor | None = None,
+    out_dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0), out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``a @ op(Wp) + scaling * (lora_left @ lora_right) [* keep * keep_scale] + bias``.
 
@@ -54,11 +57,13 @@ def perturbed_matmul(
     ``(M, m)``), the identity otherwise (backward dX: ``a`` is ``(M, m)``, result ``(M, n)``).
     ``a`` and ``Wp`` are rounded to ``out_dtype`` and multiplied with float32 accumulation; the
     LoRA term, mask and bias are added in float32; the sum is rounded once to ``out_dtype``.
+    ``Wp = W + diag(row_std) Z(seed)[r0:, c0:]`` with ``(r0, c0) = noise_offset``.
     """
     if isinstance(weight, PackedWeight4bit):
-        result = _packed_matmul(a.to(out_dtype).float(), weight, transpose_weight, seed, row_std, out_dtype)
+        result = _packed_matmul(a.to(out_dtype).float(), weight, transpose_weight, seed, row_std, out_dtype,
+                                noise_offset)
     else:
-        w = perturbed_weight(weight, seed, row_std, out_dtype).float()
+        w = perturbed_weight(weight, seed, row_std, out_dtype, noise_offset).float()
         result = a.to(out_dtype).float() @ (w.t() if transpose_weight else w)
     if lora_left is not None:
         lora = scaling * (lora_left.float() @ lora_right.float())
@@ -87,17 +92,20 @@ def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tens
 
 
 def _packed_matmul(a: torch.Tensor, weight: PackedWeight4bit, transpose_weight: bool, seed: int,
-                   row_std: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+                   row_std: torch.Tensor | None, dtype: torch.dtype, noise_offset: tuple[int, int]) -> torch.Tensor:
     """``a @ op(dequant(W4) + diag(c) Z)`` in float32, the perturbed weight built a block of rows at a time
     (each row block rounded to ``dtype`` as a whole perturbed weight would be)."""
     m, n = weight.shape
     result = a.new_zeros(a.shape[0], m if transpose_weight else n)
     step = block_rows(n)
+    row_offset, col_offset = noise_offset
     for start in range(0, m, step):
         stop = min(m, start + step)
         w = weight.dequantize_rows(start, stop).float()
         if row_std is not None:
-            w = w + row_std[start:stop, None].float() * reference_noise_block(seed, start, stop, 0, n, device=a.device)
+            noise = reference_noise_block(seed, row_offset + start, row_offset + stop, col_offset, col_offset + n,
+                                          device=a.device)
+            w = w + row_std[start:stop, None].float() * noise
         w = w.to(dtype).float()
         if transpose_weight:
             result[:, start:stop] = a @ w.t()

@@ -29,8 +29,12 @@ def assert_close_rel(actual, expected, dtype, what=""):
     assert err <= REL_TOL[dtype], f"{what}: relative error {err:.3g} > {REL_TOL[dtype]:.3g} ({dtype})"
 
 
-def float64_flat_lora(x, weight, bias, lora_A, lora_B, scaling, seed, row_std, keep=None, dropout_p=0.0):
+def float64_flat_lora(x, weight, bias, lora_A, lora_B, scaling, seed, row_std, keep=None, dropout_p=0.0,
+                      noise_offset=(0, 0)):
     """Autograd through an explicitly materialised ``W + diag(c) Z`` in float64.
+
+    With ``noise_offset = (r0, c0)`` the noise is cut from the whole matrix up to the block's far
+    corner (the offset-free path), so the oracle does not share the offset logic it checks.
 
     Returns ``(y, leaves)`` where leaves are float64 copies of ``x, lora_A, lora_B, bias`` that
     require grad, so callers can backprop any ``dy`` and read the oracle gradients.
@@ -42,7 +46,8 @@ def float64_flat_lora(x, weight, bias, lora_A, lora_B, scaling, seed, row_std, k
     bias64 = None if bias is None else bias.detach().double().requires_grad_()
     w = weight.detach().double()
     if row_std is not None:
-        z = fk.generate_noise(seed, m, n, device=weight.device).double()
+        r0, c0 = noise_offset
+        z = fk.generate_noise(seed, r0 + m, c0 + n, device=weight.device)[r0:, c0:].double()
         w = w + row_std.double()[:, None] * z
     x_lora = x64 if keep is None else x64 * keep.double() / (1.0 - dropout_p)
     y = x64 @ w.t() + scaling * (x_lora @ a64.t()) @ b64.t()

@@ -57,6 +57,33 @@ def test_forward_and_gradients_match_float64(device_backend, lead, n, m, r, dtyp
         assert_close_rel(g, g64, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("with_lora", [True, False])
+@pytest.mark.parametrize("dtype,lora_dtype", DTYPES[:3])
+@pytest.mark.parametrize("offset", [(5, 8), (3, 7)])  # column offset a multiple of 4, and not
+def test_a_block_at_a_noise_offset_is_perturbed_as_that_block_of_the_whole(device_backend, offset, dtype, lora_dtype,
+                                                                          with_lora):
+    """A tensor-parallel shard: the op on a block of the weight with ``noise_offset`` equals the float64
+    oracle whose noise is cut from the whole matrix; with and without LoRA factors, both directions."""
+    device, _ = device_backend
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs(device, (11,), 45, 21, 3, dtype, lora_dtype)
+    if not with_lora:
+        lora_A = lora_B = None
+    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 0.75, seed=99, row_std=row_std, noise_offset=offset)
+    y64, leaves = float64_flat_lora(x, weight, bias, lora_A if with_lora else torch.zeros(1, 45),
+                                    lora_B if with_lora else torch.zeros(21, 1), 0.75, 99, row_std,
+                                    noise_offset=offset)
+    assert_close_rel(y, y64, dtype, "y")
+    wrong = float64_flat_lora(x, weight, bias, torch.zeros(1, 45), torch.zeros(21, 1), 0.75, 99, row_std)[0]
+    assert rel_err(y64, wrong) > 10 * REL_TOL[dtype], "the offset must change the noise"
+    dy = torch.randn(y.shape, device=device)
+    inputs = [t for t in (x, lora_A, lora_B, bias) if t is not None]
+    grads = torch.autograd.grad(y, inputs, dy.to(y.dtype))
+    grads64 = torch.autograd.grad(y64, [leaves[0]] + ([leaves[1], leaves[2]] if with_lora else []) + [leaves[3]],
+                                  dy.double())
+    for g, g64 in zip(grads, grads64):
+        assert_close_rel(g, g64, dtype, "gradient")
+
+
 @pytest.mark.parametrize("dtype,lora_dtype", DTYPES[:2])
 @pytest.mark.parametrize("bias", [True, False])
 def test_dropout_on_the_lora_path(device_backend, dtype, lora_dtype, bias):
@@ -293,6 +320,10 @@ BAD_INPUTS = [
     (dict(dropout_p=1.0), ValueError, "dropout_p"),
     (dict(dropout_p=-0.1), ValueError, "dropout_p"),
     (dict(x=torch.randn(3, 8, device="meta")), ValueError, "x is on meta"),
+    (dict(lora_B=None), ValueError, "come together"),
+    (dict(noise_offset=(-1, 0)), ValueError, "row offset"),
+    (dict(noise_offset=(0, 2**34 - 4)), ValueError, "index space"),
+    (dict(noise_offset=4), TypeError, "noise_offset"),
 ]
 
 

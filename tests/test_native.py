@@ -65,7 +65,7 @@ def test_native_noise_is_blocked_like_the_whole():
 def _matmul_args(**override):
     args = dict(a=torch.randn(4, 6), weight=torch.randn(5, 6), transpose_weight=True, seed=3,
                 row_std=torch.rand(5), bias=torch.randn(5), lora_left=torch.randn(4, 2), lora_right=torch.randn(2, 5),
-                scaling=1.0, keep=None, keep_scale=1.0, out_dtype="float32")
+                scaling=1.0, keep=None, keep_scale=1.0, out_dtype="float32", noise_row_offset=0, noise_col_offset=0)
     args.update(override)
     return list(args.values())
 
@@ -85,7 +85,9 @@ BAD_NATIVE_CALLS = [
     ("out dtype", lambda C: C.perturbed_matmul_cpu(*_matmul_args(out_dtype="float64")), "out_dtype"),
     ("norm shapes", lambda C: C.merged_row_norms_cpu(torch.randn(5, 6), torch.randn(2, 7), torch.randn(5, 2), 1.0),
      "do not fit"),
-    ("noise shape", lambda C: C.generate_noise_cpu(0, -1, 4), "index space"),
+    ("noise shape", lambda C: C.generate_noise_cpu(0, -1, 4, 0, 0), "index space"),
+    ("noise offset", lambda C: C.generate_noise_cpu(0, 2, 4, -1, 0), "index space"),
+    ("matmul noise offset", lambda C: C.perturbed_matmul_cpu(*_matmul_args(noise_col_offset=2**34 - 5)), "index space"),
     ("counters", lambda C: C.philox_words(0, torch.zeros(3, 3, dtype=torch.long)), "counters"),
 ]
 

@@ -84,6 +84,28 @@ def test_generate_noise_same_on_every_backend(device_backend, seed, shape):
     torch.testing.assert_close(z.cpu(), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [(0, 1), (3, 2), (7, 3), (1, 4), (2**31 + 5, 2**33 + 6)])
+def test_noise_block_at_an_offset_is_that_block_of_the_whole(device_backend, offset):
+    """What a tensor-parallel shard regenerates: every column offset modulo 4 (the Triton path without
+    whole Philox calls), and 64-bit positions."""
+    device, _ = device_backend
+    seed, (r0, c0), (m, n) = 2**63 + 11, offset, (9, 37)
+    z = fk.generate_noise(seed, m, n, device=device, offset=offset)
+    if r0 + c0 < 100:
+        expected = contract.reference_noise(seed, r0 + m, c0 + n)[r0:, c0:]
+    else:  # too far out to build the whole: the block's own Philox calls, column by column
+        expected = torch.cat([contract.reference_noise_block(seed, r0, r0 + m, c0 + j, c0 + j + 1) for j in range(n)], 1)
+    assert z.shape == (m, n)
+    torch.testing.assert_close(z.cpu(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset,error", [((-1, 0), ValueError), ((0, 2**34), ValueError), ((2**32, 0), ValueError),
+                                          ((0.5, 0), ValueError), (3, TypeError)])
+def test_noise_offsets_outside_the_index_space_are_refused(offset, error):
+    with pytest.raises(error, match="offset|index space"):
+        fk.generate_noise(1, 2, 3, offset=offset)
+
+
 @pytest.mark.parametrize("blocks", [(16, 4), (16, 16), (32, 64), (64, 128)])
 def test_noise_does_not_depend_on_tiles(blocks):
     if fk.backends.triton_unavailable_reason(torch.device("cpu")):

@@ -64,14 +64,11 @@ def _regenerated_forward(target: Target, terms: list[tuple[int, torch.Tensor]]):
     m, n = weight.shape
 
     def forward(x, *args, **kwargs):
-        a = lora_A if lora_A is not None else x.new_zeros(1, n)
-        b = lora_B if lora_B is not None else x.new_zeros(m, 1)
         (seed, row_std), *rest = terms
-        y = _flat_lora_linear(x, weight.detach(), bias, a, b, scaling, seed=seed, row_std=row_std)
+        y = _flat_lora_linear(x, weight.detach(), bias, lora_A, lora_B, scaling, seed=seed, row_std=row_std)
         zero = weight.new_zeros(()).expand(m, n)
         for seed, row_std in rest:
-            y = y + _flat_lora_linear(x, zero, None, x.new_zeros(1, n), x.new_zeros(m, 1), 0.0, seed=seed,
-                                      row_std=row_std)
+            y = y + _flat_lora_linear(x, zero, None, None, None, 0.0, seed=seed, row_std=row_std)
         return y
 
     return forward

@@ -71,6 +71,7 @@ def _matmul_types(dtype: torch.dtype, weight_4bit: bool) -> dict:
         "bias_ptr": POINTER_TYPES[dtype], "left_ptr": "*fp32", "right_ptr": "*fp32", "keep_ptr": "*i1",
         "out_ptr": POINTER_TYPES[dtype], "M": "i32", "N": "i32", "K": "i32", "R": "i32",
         "scaling": "fp32", "keep_scale": "fp32", "seed_lo": "i64", "seed_hi": "i64",
+        "noise_row_offset": "i64", "noise_col_offset": "i64",
         **{name: "i64" for name in _perturbed_matmul_kernel.arg_names if name.startswith("stride_")}}
 
 
@@ -88,10 +89,10 @@ def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: 
     a dense W or (``weight_4bit``) a packed 4-bit W whose values are in ``dtype``, with rows of whole
     quantization blocks or not."""
     blocks, options = launch_options(config)
-    constexprs = dict(**dict.fromkeys(UNIT_STRIDES, 1),W_ROWS_ARE_N=forward, HAS_NOISE=True, HAS_BIAS=forward, HAS_LORA=True,
+    constexprs = dict(**dict.fromkeys(UNIT_STRIDES, 1), W_ROWS_ARE_N=forward, HAS_NOISE=True, HAS_BIAS=forward, HAS_LORA=True,
                       HAS_KEEP=not forward, UPCAST_DOT=False, MANUAL_BF16_ROUNDING=False,
-                      FP32_PRECISION="tf32", FAST_NOISE=fast_noise(dtype), BLOCK_R=16, **blocks,
-                      **weight_4bit_constexprs(dtype if weight_4bit else None, whole_block_rows))
+                      FP32_PRECISION="tf32", FAST_NOISE=fast_noise(dtype), NOISE_COLS_ALIGNED=True, BLOCK_R=16,
+                      **blocks, **weight_4bit_constexprs(dtype if weight_4bit else None, whole_block_rows))
     constexprs = {k: v for k, v in constexprs.items() if k in _perturbed_matmul_kernel.arg_names}
     noise_rows, noise_cols = ((blocks["BLOCK_N"], blocks["BLOCK_K"]) if forward
                               else (blocks["BLOCK_K"], blocks["BLOCK_N"]))
@@ -128,7 +129,8 @@ def variants() -> list[Variant]:
     model) and for blocks that straddle rows."""
     out = [Variant("noise" + (" fast-math" if fast else ""), _write_noise_kernel,
                    {"out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_om": "i32", "stride_on": "i32",
-                    "seed_lo": "i64", "seed_hi": "i64"}, dict(NOISE_BLOCK, FAST_MATH=fast), role="noise",
+                    "seed_lo": "i64", "seed_hi": "i64", "row_offset": "i64", "col_offset": "i64"},
+                   dict(NOISE_BLOCK, FAST_MATH=fast, COLS_ALIGNED=True), role="noise",
                    dtype=torch.float32, noise_tile=(NOISE_BLOCK["BLOCK_M"], NOISE_BLOCK["BLOCK_N"]),
                    config="materialise") for fast in (False, True)]
     for dtype in POINTER_TYPES:

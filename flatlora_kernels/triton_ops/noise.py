@@ -83,55 +83,77 @@ def _box_muller(x_radius, x_angle, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
-def gaussian_tile(seed_lo, seed_hi, rows, col_start, BLOCK_COLS: tl.constexpr, FAST_MATH: tl.constexpr = False):
+def gaussian_tile(seed_lo, seed_hi, rows, col_start, BLOCK_COLS: tl.constexpr, FAST_MATH: tl.constexpr = False,
+                  COLS_ALIGNED: tl.constexpr = True):
     """``Z[rows, col_start : col_start + BLOCK_COLS]`` as a float32 ``[len(rows), BLOCK_COLS]`` tile.
 
     ``FAST_MATH`` (GPU only: inline PTX) uses the hardware ``lg2/sin/cos`` approximations.
 
-    ``col_start`` must be a multiple of 4 and ``BLOCK_COLS`` a multiple of 4, so that each
-    Philox call fills four adjacent columns (step 2). Rows and columns past the matrix are
-    generated too (finite values); callers mask them.
+    With ``COLS_ALIGNED`` (the fast path) ``col_start`` must be a multiple of 4, so that each Philox
+    call fills four adjacent columns (step 2). Without it ``col_start`` may be anything (a
+    tensor-parallel shard whose first column is not a multiple of 4): every element then runs its
+    own Philox call and picks its lane, four times the work for the same values. ``BLOCK_COLS`` is a
+    multiple of 4 either way. Rows and columns past the matrix are generated too (finite values);
+    callers mask them.
     """
     tl.static_assert(BLOCK_COLS % 4 == 0, "noise tiles span whole groups of four columns")
-    quads = (col_start // 4 + tl.arange(0, BLOCK_COLS // 4)).to(tl.uint32)
+    if COLS_ALIGNED:
+        # An unsigned shift, not a signed division: col_start >= 0 (columns reach 2**34, quads fit 32 bits).
+        quads = (col_start.to(tl.uint64) >> 2).to(tl.uint32) + tl.arange(0, BLOCK_COLS // 4).to(tl.uint32)
+        x0, x1, x2, x3 = _philox_grid(seed_lo, seed_hi, rows, quads)
+        z0, z1 = _box_muller(x0, x1, FAST_MATH)
+        z2, z3 = _box_muller(x2, x3, FAST_MATH)
+        # interleave(interleave(z0, z2), interleave(z1, z3)) puts z_l at column 4q + l.
+        z = tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+    else:
+        cols = col_start + tl.arange(0, BLOCK_COLS)
+        x0, x1, x2, x3 = _philox_grid(seed_lo, seed_hi, rows, (cols // 4).to(tl.uint32))
+        lane = (cols % 4)[None, :]
+        z_cos, z_sin = _box_muller(tl.where(lane < 2, x0, x2), tl.where(lane < 2, x1, x3), FAST_MATH)
+        z = tl.where(lane % 2 == 0, z_cos, z_sin)
+    return z
+
+
+@triton.jit
+def _philox_grid(seed_lo, seed_hi, rows, quads):
+    """The four Philox words of counter ``(quad, row, 0, 0)`` for every (row, quad) pair: [rows, quads]."""
     c0 = quads[None, :] + tl.zeros_like(rows).to(tl.uint32)[:, None]
     c1 = rows.to(tl.uint32)[:, None] + tl.zeros_like(quads)[None, :]
     zero = tl.zeros_like(c0)
     k0 = tl.full(c0.shape, 0, tl.uint32) + seed_lo.to(tl.uint32)
     k1 = tl.full(c0.shape, 0, tl.uint32) + seed_hi.to(tl.uint32)
-    x0, x1, x2, x3 = philox4x32(c0, c1, zero, zero, k0, k1)
-    z0, z1 = _box_muller(x0, x1, FAST_MATH)
-    z2, z3 = _box_muller(x2, x3, FAST_MATH)
-    # interleave(interleave(z0, z2), interleave(z1, z3)) puts z_l at column 4q + l.
-    return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+    return philox4x32(c0, c1, zero, zero, k0, k1)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _write_noise_kernel(out_ptr, M, N, stride_om, stride_on, seed_lo, seed_hi,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST_MATH: tl.constexpr = False):
+def _write_noise_kernel(out_ptr, M, N, stride_om, stride_on, seed_lo, seed_hi, row_offset, col_offset,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST_MATH: tl.constexpr,
+                        COLS_ALIGNED: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_start = tl.program_id(1).to(tl.int64) * BLOCK_N
     cols = col_start + tl.arange(0, BLOCK_N)
-    z = gaussian_tile(seed_lo, seed_hi, rows, col_start, BLOCK_N, FAST_MATH)
+    z = gaussian_tile(seed_lo, seed_hi, row_offset + rows, col_offset + col_start, BLOCK_N, FAST_MATH, COLS_ALIGNED)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, z, mask=mask)
 
 
-def generate_noise_triton(seed: int, m: int, n: int, device, *, block_m: int | None = None,
-                          block_n: int | None = None, out: torch.Tensor | None = None,
+def generate_noise_triton(seed: int, m: int, n: int, device, *, offset: tuple[int, int] = (0, 0),
+                          block_m: int | None = None, block_n: int | None = None, out: torch.Tensor | None = None,
                           fast_math: bool = False) -> torch.Tensor:
-    """Materialise ``Z(seed)`` of shape ``(m, n)`` with the Triton kernel (tile sizes are free).
+    """Materialise ``Z(seed)[r0 : r0 + m, c0 : c0 + n]`` with ``(r0, c0) = offset`` (tile sizes are free).
 
     ``fast_math`` (GPU only) writes the Z the 16-bit matmul kernels use: hardware lg2/sin/cos,
     within ``noise.FAST_NOISE_ATOL`` of the precise Z.
     """
     seed_lo, seed_hi = contract.split_seed(seed)
+    row_offset, col_offset = offset
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32, device=device)
     block_m = block_m or (16 if INTERPRETER else 32)
     block_n = block_n or (64 if INTERPRETER else 128)
     if m and n:
         grid = (cdiv(m, block_m), cdiv(n, block_n))
-        _write_noise_kernel[grid](out, m, n, out.stride(0), out.stride(1), seed_lo, seed_hi,
-                                  BLOCK_M=block_m, BLOCK_N=block_n, FAST_MATH=fast_math)
+        _write_noise_kernel[grid](out, m, n, out.stride(0), out.stride(1), seed_lo, seed_hi, row_offset, col_offset,
+                                  BLOCK_M=block_m, BLOCK_N=block_n, FAST_MATH=fast_math,
+                                  COLS_ALIGNED=col_offset % 4 == 0)
     return out

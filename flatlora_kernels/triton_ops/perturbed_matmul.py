@@ -41,12 +41,13 @@ def _perturbed_matmul_kernel(
     stride_am, stride_ak, stride_wi, stride_wj,
     stride_lm, stride_lr, stride_rr, stride_rn,
     stride_km, stride_kn, stride_om, stride_on,
-    scaling, keep_scale, seed_lo, seed_hi, absmax_ptr, codebook_ptr,
+    scaling, keep_scale, seed_lo, seed_hi, noise_row_offset, noise_col_offset, absmax_ptr, codebook_ptr,
     W_ROWS_ARE_N: tl.constexpr,  # True: output columns are W rows (forward); False: W columns (dX)
     HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_KEEP: tl.constexpr,
     UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    FAST_NOISE: tl.constexpr, WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr,
-    WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr,
+    FAST_NOISE: tl.constexpr, NOISE_COLS_ALIGNED: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
+    QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+    DEQUANT_MANUAL_ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -73,12 +74,19 @@ def _perturbed_matmul_kernel(
     # Software pipelining by hand: the noise of K-step k + 1 is generated after step k's tl.dot, so
     # the compiler can issue it while that step's asynchronous wgmma runs (the loop ends with one
     # unused tile, past K). Tile for step k: [BLOCK_N W rows, BLOCK_K columns] forward (used
-    # transposed), [BLOCK_K W rows, BLOCK_N columns] for dX.
+    # transposed), [BLOCK_K W rows, BLOCK_N columns] for dX. W is the block of the logical matrix
+    # that starts at (noise_row_offset, noise_col_offset) (a tensor-parallel shard; (0, 0) otherwise),
+    # so Z is indexed from there. Rows are formed in uint32 (the contract's counter word; i < 2**32).
     if HAS_NOISE:
+        if NOISE_COLS_ALIGNED:
+            noise_col_offset = tl.multiple_of(noise_col_offset, 4)
+        noise_rows = tl.cast(noise_row_offset, tl.uint32) + (offs_n if W_ROWS_ARE_N else tl.arange(0, BLOCK_K)).to(tl.uint32)
         if W_ROWS_ARE_N:
-            z_next = gaussian_tile(seed_lo, seed_hi, offs_n, 0, BLOCK_K, FAST_NOISE)
+            z_next = gaussian_tile(seed_lo, seed_hi, noise_rows, noise_col_offset, BLOCK_K, FAST_NOISE,
+                                   NOISE_COLS_ALIGNED)
         else:
-            z_next = gaussian_tile(seed_lo, seed_hi, tl.arange(0, BLOCK_K).to(tl.int64), n_start, BLOCK_N, FAST_NOISE)
+            z_next = gaussian_tile(seed_lo, seed_hi, noise_rows, noise_col_offset + n_start, BLOCK_N, FAST_NOISE,
+                                   NOISE_COLS_ALIGNED)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = offs_k < K
@@ -106,9 +114,11 @@ def _perturbed_matmul_kernel(
             acc = tl.dot(a, w, acc, input_precision=FP32_PRECISION)
         if HAS_NOISE:
             if W_ROWS_ARE_N:
-                z_next = gaussian_tile(seed_lo, seed_hi, offs_n, k_start + BLOCK_K, BLOCK_K, FAST_NOISE)
+                z_next = gaussian_tile(seed_lo, seed_hi, noise_rows, noise_col_offset + k_start + BLOCK_K, BLOCK_K,
+                                       FAST_NOISE, NOISE_COLS_ALIGNED)
             else:
-                z_next = gaussian_tile(seed_lo, seed_hi, offs_k + BLOCK_K, n_start, BLOCK_N, FAST_NOISE)
+                z_next = gaussian_tile(seed_lo, seed_hi, noise_rows + tl.cast(k_start + BLOCK_K, tl.uint32),
+                                       noise_col_offset + n_start, BLOCK_N, FAST_NOISE, NOISE_COLS_ALIGNED)
 
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
@@ -240,11 +250,12 @@ def perturbed_matmul_triton(
     a: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, *, transpose_weight: bool, seed: int,
     row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
     lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
-    out_dtype: torch.dtype, out: torch.Tensor | None = None,
+    out_dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0), out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel; the semantics are those of :func:`flatlora_kernels.reference.perturbed_matmul`
     (``weight`` dense or 4-bit, read in place either way)."""
     seed_lo, seed_hi = contract.split_seed(seed)
+    noise_row_offset, noise_col_offset = noise_offset
     m_w, n_w = weight.shape
     M = a.shape[0]
     N, K = (m_w, n_w) if transpose_weight else (n_w, m_w)
@@ -271,11 +282,11 @@ def perturbed_matmul_triton(
         a.stride(0), a.stride(1), stride_wi, stride_wj,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         keep_t.stride(0), keep_t.stride(1), out.stride(0), out.stride(1),
-        float(scaling), float(keep_scale), seed_lo, seed_hi, **weight_4bit,
+        float(scaling), float(keep_scale), seed_lo, seed_hi, noise_row_offset, noise_col_offset, **weight_4bit,
         W_ROWS_ARE_N=transpose_weight, HAS_NOISE=row_std is not None, HAS_BIAS=bias is not None,
         HAS_LORA=has_lora, HAS_KEEP=keep is not None,
         UPCAST_DOT=dot_needs_fp32_operands(out_dtype),
         MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(out_dtype), FP32_PRECISION=fp32_dot_precision(),
-        FAST_NOISE=fast_noise(out_dtype), BLOCK_R=rank_block(r), **cfg,
+        FAST_NOISE=fast_noise(out_dtype), NOISE_COLS_ALIGNED=noise_col_offset % 4 == 0, BLOCK_R=rank_block(r), **cfg,
     )
     return out
