@@ -45,12 +45,12 @@ def operands(m, n, tokens, dtype, forward, r=3):
         keep_scale=1.0 if forward else 1 / 0.7)
 
 
-def both(weight, forward, ops, dtype, seed=SEED):
+def both(weight, forward, ops, dtype, seed=SEED, noise_offset=(0, 0)):
     """The fused kernel on the packed weight (into a poisoned output) and the reference on its
     explicitly dequantized copy, for one direction."""
     kwargs = dict(transpose_weight=forward, seed=seed, row_std=ops["row_std"], bias=ops["bias"],
                   lora_left=ops["lora_left"], lora_right=ops["lora_right"], scaling=0.7, keep=ops["keep"],
-                  keep_scale=ops["keep_scale"], out_dtype=dtype)
+                  keep_scale=ops["keep_scale"], out_dtype=dtype, noise_offset=noise_offset)
     m, n = weight.shape
     out = torch.full((ops["a"].shape[0], m if forward else n), float("nan"), dtype=dtype)
     ours = perturbed_matmul_triton(ops["a"], weight, out=out, **kwargs)
@@ -157,6 +157,19 @@ def test_tolerance_catches_a_misread_layout():
     other_seed, _ = both(weight, True, ops, dtype, seed=SEED + 1)
     assert rel_err(misread, ref) > 10 * ULPS[dtype] and rel_err(other_seed, ref) > 10 * ULPS[dtype]
     assert rel_err(ours, ref) <= ULPS[dtype]
+
+
+def test_a_4bit_block_of_a_larger_weight_takes_its_noise_offset():
+    """With ``noise_offset`` (a tensor-parallel shard) the 4-bit kernels perturb with the logical
+    weight's noise there, as the reference does, and not with the noise at (0, 0)."""
+    m, n, dtype = 45, 77, torch.float32
+    weight = packed_weight(m, n, quant_type="fp4")
+    for forward in (True, False):
+        ops = operands(m, n, 19, dtype, forward)
+        ours, ref = both(weight, forward, ops, dtype, noise_offset=(1000, 37))
+        assert_ulp_close(ours, ref, dtype, "forward" if forward else "dX")
+        at_origin, _ = both(weight, forward, ops, dtype)
+        assert rel_err(ours, at_origin) > 100 * ULPS[dtype]
 
 
 def test_the_layer_op_routes_4bit_weights_to_the_fused_kernel(monkeypatch):
