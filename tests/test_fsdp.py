@@ -104,8 +104,13 @@ def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_n
         assert results[0]["losses"] != results[1]["losses"]
 
     # the checkpoint is a plain PEFT adapter: plain PEFT loads it onto a fresh base model
+    _assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
+
+
+def _assert_plain_peft_adapter_equals(path, adapters: dict) -> None:
+    """Plain PEFT loads the saved adapter onto a fresh base model, and its LoRA weights are ``adapters``."""
     base, *_ = llama()
-    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(base, str(path))
     lora = {name: param for name, param in loaded.named_parameters() if "lora_" in name}
     assert lora.keys() == adapters.keys()
     for name, param in lora.items():
@@ -190,12 +195,7 @@ def test_fsdp2_through_trainer_and_accelerate_equals_one_process(tmp_path):
         assert got["steps"] == TRAINER_STEPS
     reference, _ = _train_with_trainer(tmp_path / "single", fsdp=False)
     adapters = {n: p.detach() for n, p in reference.model.named_parameters() if p.requires_grad}
-    # the Trainer saved a plain PEFT adapter (gathered from the shards): plain PEFT loads it
-    base, *_ = llama()
-    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
-    lora = {name: param for name, param in loaded.named_parameters() if "lora_" in name}
-    assert lora.keys() == adapters.keys()
-    for name, param in lora.items():
-        torch.testing.assert_close(param, adapters[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the Trainer saved a plain PEFT adapter, gathered from the shards
+    _assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
     untrained = {n: p for n, p in peft_family("llama")[0].named_parameters() if p.requires_grad}
     assert any(not torch.allclose(adapters[n], untrained[n]) for n in adapters), "training must move the adapters"
