@@ -1,4 +1,4 @@
-"""Peak memory of one QLoRA layer's forward+backward: plain QLoRA, ours, and the public approach.
+"""Peak memory and time of one QLoRA layer's forward+backward: plain QLoRA, ours, and the public approach.
 
     python benchmarks/bench_qlora_memory.py            # 4096 -> 11008 (a Llama-2-7B MLP projection), 256 tokens
     python benchmarks/bench_qlora_memory.py --quick    # small, for a smoke run
@@ -8,8 +8,10 @@ perturb a QLoRA layer it would have to dequantize the weight and add an m×n noi
 ("public" here: ``dequantize_4bit`` + ``torch.normal`` + ``F.linear``). Ours perturbs
 ``dequant(W4) + c·Z`` a bounded block of rows at a time (:class:`FlatLoraLinear4bit`). Each method
 runs in a fresh process; the figure is the growth of its peak resident set (Linux ``VmHWM``, reset
-first) over one forward+backward, on the CPU, or of ``max_memory_allocated`` on a GPU. NF4 with
-double quantization, bf16 compute, LoRA r = 8 in fp32. Writes ``benchmarks/results/qlora-memory-<device>.json``.
+first) over one forward+backward, on the CPU, or of ``max_memory_allocated`` on a GPU. The times
+are medians of forward+backward, the three methods measured together in this process
+(``common.median_ms``: ``do_bench`` on a GPU, interleaved rounds on the CPU). NF4 with double
+quantization, bf16 compute, LoRA r = 8 in fp32. Writes ``benchmarks/results/qlora-memory-<device>.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, device_label, reset_peak_rss, slug, status_kib, write_record
+from common import RESULTS, device_label, median_ms, reset_peak_rss, slug, status_kib, write_record
 
 METHODS = ("qlora", "flat_lora", "public")
 
@@ -56,14 +58,20 @@ def public_forward(layer, x: torch.Tensor, sigma: float = 0.05) -> torch.Tensor:
     return torch.nn.functional.linear(x, noisy) + (layer.scaling["default"] * (x.float() @ a.t()) @ b.t()).to(x.dtype)
 
 
-def probe(method: str, tokens: int, n: int, m: int) -> float:
-    """Peak memory growth (MiB) of one forward+backward of ``method``, in this (fresh) process."""
+def method_layer(method: str, n: int, m: int, device: torch.device):
+    """The layer ``method`` runs, and its forward: PEFT's, ours (with a noise sample drawn), or the public one."""
     import flatlora_kernels as fk
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layer = build(n, m, device)
     if method == "flat_lora":
         fk.FlatLoraLinear4bit.from_lora_linear(layer).sample_noise(seed=1, sigma=0.05)
+    return (lambda x: public_forward(layer, x)) if method == "public" else layer
+
+
+def probe(method: str, tokens: int, n: int, m: int) -> float:
+    """Peak memory growth (MiB) of one forward+backward of ``method``, in this (fresh) process."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    forward = method_layer(method, n, m, device)
     x = torch.randn(tokens, n, dtype=torch.bfloat16, device=device, requires_grad=True)
     dy = torch.randn(tokens, m, dtype=torch.bfloat16, device=device)
     if device.type == "cuda":
@@ -72,8 +80,7 @@ def probe(method: str, tokens: int, n: int, m: int) -> float:
         before = torch.cuda.memory_allocated()
     else:
         before = reset_peak_rss() * 1024
-    y = public_forward(layer, x) if method == "public" else layer(x)
-    y.backward(dy)
+    forward(x).backward(dy)
     if device.type == "cuda":
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
@@ -91,10 +98,22 @@ def measure(method: str, tokens: int, n: int, m: int) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+def time_methods(tokens: int, n: int, m: int, device: torch.device, reps: int) -> list[float]:
+    """Median ms of one forward+backward (gradients of x and the LoRA factors) for each of :data:`METHODS`."""
+    x = torch.randn(tokens, n, dtype=torch.bfloat16, device=device, requires_grad=True)
+    dy = torch.randn(tokens, m, dtype=torch.bfloat16, device=device)
+
+    def step(forward):
+        return lambda: forward(x).backward(dy)
+
+    return median_ms([step(method_layer(method, n, m, device)) for method in METHODS], device, reps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small layer, for a smoke run")
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=5, help="timed rounds on the CPU (a GPU uses do_bench)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--probe", nargs=4, metavar=("METHOD", "TOKENS", "IN", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -109,11 +128,16 @@ def main() -> None:
     for method in METHODS:
         row[f"peak_mib_{method}"] = measure(method, args.tokens, n, m)
         print(f"{method:>10}: peak growth {row[f'peak_mib_{method}']:9.1f} MiB over one forward+backward")
+    for method, ms in zip(METHODS, time_methods(args.tokens, n, m, device, args.reps)):
+        row[f"fwdbwd_ms_{method}"] = ms
+        print(f"{method:>10}: {ms:9.2f} ms per forward+backward (median)")
     for method in ("flat_lora", "public"):
         row[f"extra_mib_{method}_over_qlora"] = row[f"peak_mib_{method}"] - row["peak_mib_qlora"]
+        row[f"time_ratio_{method}_to_qlora"] = row[f"fwdbwd_ms_{method}"] / row["fwdbwd_ms_qlora"]
     out = args.out or RESULTS / f"qlora-memory-{slug(device_label(device))}.json"
     write_record(out, "qlora_memory", device, {"quick": args.quick, "tokens": args.tokens, "quant_type": "nf4",
-                                                "double_quant": True, "compute_dtype": "bfloat16", "r": 8}, [row])
+                                                "double_quant": True, "compute_dtype": "bfloat16", "r": 8,
+                                                "reps": args.reps}, [row])
     print(f"wrote {out}")
 
 

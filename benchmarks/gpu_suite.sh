@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh quick   # install, build the CUDA extension, the test suite on CUDA,
 #                                        # bench_layer.py on the 7B shapes, the kernel cost report
 #   bash benchmarks/gpu_suite.sh full    # install, build, table7.py (7B, accumulation 16 and 1),
-#                                        # the pytest-benchmark run
+#                                        # the pytest-benchmark run, one QLoRA layer's memory and time
 #   bash benchmarks/gpu_suite.sh quick --dry-run   # the same steps on the CPU at tiny size (CI runs it)
 #
 # Results go to $OUT when set (the device tool brings it back: at most 8 files, so each part writes
@@ -141,6 +141,10 @@ else
   fi
   step pytest-benchmark 300 env FLATLORA_BENCH_SIZE=$SIZE python -m pytest benchmarks -q -p no:cacheprovider \
     --benchmark-only --benchmark-json="$RESULTS_DIR/pytest-benchmark.json" "${bench_args[@]}"
+  # Last, so it takes only what the budget has left after the others.
+  if ((DRY_RUN)); then qlora_args=(--quick --reps 1); else qlora_args=(); fi
+  step qlora-layer 120 python benchmarks/bench_qlora_memory.py "${qlora_args[@]}" \
+    --out "$RESULTS_DIR/qlora-layer.json"
 fi
 
 # --- the record of this part's steps, and summary.md over everything in the results folder ---

@@ -69,7 +69,7 @@ def test_gpu_suite_dry_run_steps(dry_run):
         assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files), files
         steps = {s["step"]: s for s in read_record(out / f"suite-{part}.json", "gpu_suite")["results"]}
         assert steps["install"]["status"] == "skipped" and steps["build-cuda-extension"]["status"] == "skipped"
-        expected = {"quick": {"tests-cuda", "bench-layer", "kernel-budget"}, "full": {"table7", "pytest-benchmark"}}
+        expected = {"quick": {"tests-cuda", "bench-layer", "kernel-budget"}, "full": {"table7", "pytest-benchmark", "qlora-layer"}}
         assert set(steps) == {"install", "build-cuda-extension"} | expected[part]
         for name in expected[part] - {"kernel-budget"}:
             assert steps[name]["status"] == "passed" and steps[name]["exit_code"] == 0, steps[name]

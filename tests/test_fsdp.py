@@ -104,9 +104,98 @@ def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_n
         assert results[0]["losses"] != results[1]["losses"]
 
     # the checkpoint is a plain PEFT adapter: plain PEFT loads it onto a fresh base model
+    _assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
+
+
+def _assert_plain_peft_adapter_equals(path, adapters: dict) -> None:
+    """Plain PEFT loads the saved adapter onto a fresh base model, and its LoRA weights are ``adapters``."""
     base, *_ = llama()
-    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(base, str(path))
     lora = {name: param for name, param in loaded.named_parameters() if "lora_" in name}
     assert lora.keys() == adapters.keys()
     for name, param in lora.items():
         torch.testing.assert_close(param, adapters[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------- through Trainer/accelerate
+def _accelerate_fsdp_on_cpu() -> None:
+    """accelerate 1.15 turns an FSDP request into plain DDP when the processes run on CPUs (its list of
+    FSDP-capable distributed types has no MULTI_CPU). Flip the type back after its own set-up (in the
+    process-wide state too, which every later ``AcceleratorState()`` copies), so the rest (accelerate's
+    FSDP2 ``prepare``, which calls ``fully_shard``, its gradient clipping and full-state-dict saving, and
+    the Trainer loop) runs unchanged on gloo. Test-only: on GPUs accelerate does this itself."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    original = accelerate.state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    accelerate.state.AcceleratorState.__init__ = init
+
+
+TRAINER_STEPS = 2
+
+
+def _train_with_trainer(out_dir, fsdp: bool):
+    """Two optimizer steps of the Trainer with FlatLoraCallback (shared noise), data in order: with FSDP2 over
+    two processes (a batch of 2 each), or on one process (batches of 2, two accumulated per step)."""
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    from flatlora_kernels import FlatLoraCallback
+
+    from .test_trainer import TokenData
+
+    class InOrder(Trainer):  # both runs see batch 2s + k on rank / micro-batch k of step s
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    model, _ = peft_family("llama")
+    distributed = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                               "state_dict_type": "FULL_STATE_DICT",
+                                               "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=TRAINER_STEPS, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=1 if fsdp else WORLD, learning_rate=5e-3, report_to=[],
+                             use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, logging_steps=100,
+                             **(distributed if fsdp else {}))
+    callback = FlatLoraCallback(sigma=SIGMA, seed=SEED, per_rank_noise=False)
+    trainer = InOrder(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
+    trainer.train()
+    return trainer, callback
+
+
+def _trainer_worker(rank, init_file, out_dir):
+    join_process_group(rank, WORLD, init_file)
+    # accelerate checks the launcher's environment; the process group above already exists, so the
+    # address is never dialled (loopback only in any case)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT="29500")
+    _accelerate_fsdp_on_cpu()
+    trainer, callback = _train_with_trainer(out_dir, fsdp=True)
+    assert trainer.accelerator.is_fsdp2, "the run must have been accelerate's FSDP2 path throughout"
+    sharded = [type(p).__name__ for p in trainer.model.parameters()]
+    trainer.save_model(os.path.join(out_dir, "adapter"))
+    torch.save({"sharded": sharded, "steps": callback.controller.step_count,
+                "wrapped": type(trainer.model_wrapped).__name__}, os.path.join(out_dir, f"trainer{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_through_trainer_and_accelerate_equals_one_process(tmp_path):
+    run_processes(_trainer_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD, DEADLINE_S)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"trainer{rank}.pt")
+        assert set(got["sharded"]) == {"DTensor"}, "accelerate must have sharded every parameter with fully_shard"
+        assert got["steps"] == TRAINER_STEPS
+    reference, _ = _train_with_trainer(tmp_path / "single", fsdp=False)
+    adapters = {n: p.detach() for n, p in reference.model.named_parameters() if p.requires_grad}
+    # the Trainer saved a plain PEFT adapter, gathered from the shards
+    _assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
+    untrained = {n: p for n, p in peft_family("llama")[0].named_parameters() if p.requires_grad}
+    assert any(not torch.allclose(adapters[n], untrained[n]) for n in adapters), "training must move the adapters"

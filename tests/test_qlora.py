@@ -96,13 +96,14 @@ def test_memory_benchmark_runs(tmp_path):
 
     out = tmp_path / "qlora.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_qlora_memory.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--reps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["benchmark"] == "qlora_memory" and record["environment"]["torch"] == torch.__version__
     (row,) = record["results"]
-    assert all(row[f"peak_mib_{method}"] > 0 for method in ("qlora", "flat_lora", "public"))
+    assert all(row[f"peak_mib_{method}"] > 0 and row[f"fwdbwd_ms_{method}"] > 0
+               for method in ("qlora", "flat_lora", "public"))
 
 
 def _minilm_4bit_with_lora():
