@@ -57,6 +57,7 @@ def dequantize_tile(packed_ptr, absmax_ptr, codebook_ptr, row_start, col_start, 
         # Flat indices relative to the block boundary at or before the tile's corner stay in int32
         # (the launcher bounds row_length); only this scalar origin needs 64 bits. Block sizes are
         # even, so a local index has the parity of the flat one.
+        tl.static_assert(BLOCK_ROWS <= 256 and BLOCK_COLS <= 256, "MAX_4BIT_ROW_LENGTH assumes tiles of at most 256")
         corner = tl.cast(row_start, tl.int64) * row_length + col_start
         origin = corner - corner % QUANT_BLOCKSIZE
         local = ((corner - origin).to(tl.int32) + tl.arange(0, BLOCK_ROWS)[:, None] * row_length
