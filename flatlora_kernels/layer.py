@@ -248,9 +248,10 @@ if LoraLinear4bit is not None:
         """Drop-in replacement for PEFT's ``lora.bnb.Linear4bit`` (QLoRA) that trains under Flat-LoRA noise.
 
         The perturbed weight is ``dequant(W4) + diag(c) Z``: the packed NF4/FP4 codes are read and
-        dequantized a bounded block of rows at a time, the noise added there, and nothing of size
-        ``out x in`` is stored; the packed weight is only read. The filter norms ``c`` come from the
-        dequantized weight the same way. Otherwise as :class:`FlatLoraLinear`.
+        dequantized tile by tile in registers by the Triton kernels (GPU, or the interpreter), else
+        a bounded block of rows at a time by the reference; the noise is added there and nothing of
+        size ``out x in`` is stored; the packed weight is only read. The filter norms ``c`` come
+        from the dequantized weight the same way. Otherwise as :class:`FlatLoraLinear`.
         """
 
         peft_class = LoraLinear4bit
