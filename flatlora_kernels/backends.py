@@ -6,9 +6,10 @@ Every backend provides the same three operations with the reference's semantics:
 ``perturbed_matmul(a, weight, **kwargs)`` (see :mod:`flatlora_kernels.reference`); ``offset`` and
 ``perturbed_matmul``'s ``noise_offset`` place the weight inside a larger logical one (tensor parallelism).
 
-A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`) runs where the backend reads
-packed weights: the Triton kernels dequantize its tiles in registers; the native ops take dense
-weights only, so under them it takes the reference's row-block path (see :func:`get_backend`).
+A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`): the Triton kernels dequantize
+its tiles in registers; the native C++ ops take dense weights only, so under the native backend it
+takes the reference's row-block path with each block's noise from the C++ generator (see
+:func:`get_backend`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ class Backend:
     noise: Callable[..., torch.Tensor]
     row_norms: Callable[..., torch.Tensor]
     perturbed_matmul: Callable[..., torch.Tensor]
-    reads_4bit: bool  # row_norms and perturbed_matmul accept a PackedWeight4bit
 
 
 def _interpreter_requested() -> bool:
@@ -59,17 +59,26 @@ def _triton_backend() -> Backend:
     from .triton_ops.perturbed_matmul import perturbed_matmul_triton
     from .triton_ops.row_norms import merged_row_norms_triton
 
-    return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton, True)
+    return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton)
 
 
 @functools.lru_cache(maxsize=None)
 def _native_backend() -> Backend:
     from .native import generate_noise_native, merged_row_norms_native, perturbed_matmul_native
 
-    return Backend("native", generate_noise_native, merged_row_norms_native, perturbed_matmul_native, False)
+    return Backend("native", generate_noise_native, merged_row_norms_native, perturbed_matmul_native)
 
 
-_REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, reference.perturbed_matmul, True)
+@functools.lru_cache(maxsize=None)
+def _native_4bit_backend() -> Backend:
+    """The native backend for a 4-bit base: the reference's row blocks, each block's noise from C++."""
+    from .native import generate_noise_native
+
+    return Backend("native", generate_noise_native, reference.merged_row_norms,
+                   functools.partial(reference.perturbed_matmul, noise=generate_noise_native))
+
+
+_REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, reference.perturbed_matmul)
 
 
 def backend_name(device: torch.device | str) -> str:
@@ -103,15 +112,10 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def get_backend(device: torch.device | str, weight: torch.Tensor | PackedWeight4bit | None = None) -> Backend:
-    """The backend for tensors on ``device``; given a 4-bit ``weight``, one that reads it (the
-    selected backend if it can, else the reference's row-block path)."""
+    """The backend for tensors on ``device``, in the form that reads ``weight`` when it is a 4-bit base."""
     name = backend_name(device)
     if name == "triton":
-        backend = _triton_backend()
-    elif name == "native":
-        backend = _native_backend()
-    else:
-        backend = _REFERENCE
-    if isinstance(weight, PackedWeight4bit) and not backend.reads_4bit:
-        return _REFERENCE
-    return backend
+        return _triton_backend()
+    if name == "native":
+        return _native_4bit_backend() if isinstance(weight, PackedWeight4bit) else _native_backend()
+    return _REFERENCE

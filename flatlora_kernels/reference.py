@@ -13,10 +13,15 @@ dequantize 4-bit tiles in registers instead.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from .noise import reference_noise, reference_noise_block
+from .noise import reference_noise
 from .quant4bit import PackedWeight4bit
+
+# A generator of blocks of Z: ``noise(seed, rows, cols, device, offset=(r0, c0))`` (the backends' ``noise``).
+NoiseFn = Callable[..., torch.Tensor]
 
 BLOCK_ELEMENTS = 2**20  # a 4-bit block of rows holds about this many float32 values
 
@@ -33,7 +38,8 @@ def _weight_rows(weight: torch.Tensor | PackedWeight4bit, start: int, stop: int)
 
 
 def perturbed_weight(weight: torch.Tensor, seed: int, row_std: torch.Tensor | None,
-                     dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                     dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0),
+                     noise: NoiseFn = reference_noise) -> torch.Tensor:
     """``(W + diag(c) Z(seed)[r0:, c0:])`` summed in float32 and rounded once to ``dtype``.
 
     ``noise_offset = (r0, c0)`` places ``W`` in a larger logical matrix (a tensor-parallel shard).
@@ -41,8 +47,8 @@ def perturbed_weight(weight: torch.Tensor, seed: int, row_std: torch.Tensor | No
     if row_std is None:
         return weight.to(dtype)
     m, n = weight.shape
-    noise = reference_noise(seed, m, n, device=weight.device, offset=noise_offset)
-    return (weight.float() + row_std.float()[:, None] * noise).to(dtype)
+    z = noise(seed, m, n, weight.device, offset=noise_offset)
+    return (weight.float() + row_std.float()[:, None] * z).to(dtype)
 
 
 def perturbed_matmul(
@@ -50,6 +56,7 @@ def perturbed_matmul(
     row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
     lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
     out_dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0), out: torch.Tensor | None = None,
+    noise: NoiseFn = reference_noise,
 ) -> torch.Tensor:
     """``a @ op(Wp) + scaling * (lora_left @ lora_right) [* keep * keep_scale] + bias``.
 
@@ -57,13 +64,14 @@ def perturbed_matmul(
     ``(M, m)``), the identity otherwise (backward dX: ``a`` is ``(M, m)``, result ``(M, n)``).
     ``a`` and ``Wp`` are rounded to ``out_dtype`` and multiplied with float32 accumulation; the
     LoRA term, mask and bias are added in float32; the sum is rounded once to ``out_dtype``.
-    ``Wp = W + diag(row_std) Z(seed)[r0:, c0:]`` with ``(r0, c0) = noise_offset``.
+    ``Wp = W + diag(row_std) Z(seed)[r0:, c0:]`` with ``(r0, c0) = noise_offset``; ``noise`` makes
+    the blocks of Z (the native backend passes its C++ generator for 4-bit bases).
     """
     if isinstance(weight, PackedWeight4bit):
         result = _packed_matmul(a.to(out_dtype).float(), weight, transpose_weight, seed, row_std, out_dtype,
-                                noise_offset)
+                                noise_offset, noise)
     else:
-        w = perturbed_weight(weight, seed, row_std, out_dtype, noise_offset).float()
+        w = perturbed_weight(weight, seed, row_std, out_dtype, noise_offset, noise).float()
         result = a.to(out_dtype).float() @ (w.t() if transpose_weight else w)
     if lora_left is not None:
         lora = scaling * (lora_left.float() @ lora_right.float())
@@ -92,7 +100,8 @@ def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tens
 
 
 def _packed_matmul(a: torch.Tensor, weight: PackedWeight4bit, transpose_weight: bool, seed: int,
-                   row_std: torch.Tensor | None, dtype: torch.dtype, noise_offset: tuple[int, int]) -> torch.Tensor:
+                   row_std: torch.Tensor | None, dtype: torch.dtype, noise_offset: tuple[int, int],
+                   noise: NoiseFn) -> torch.Tensor:
     """``a @ op(dequant(W4) + diag(c) Z)`` in float32, the perturbed weight built a block of rows at a time
     (each row block rounded to ``dtype`` as a whole perturbed weight would be)."""
     m, n = weight.shape
@@ -103,9 +112,8 @@ def _packed_matmul(a: torch.Tensor, weight: PackedWeight4bit, transpose_weight: 
         stop = min(m, start + step)
         w = weight.dequantize_rows(start, stop).float()
         if row_std is not None:
-            noise = reference_noise_block(seed, row_offset + start, row_offset + stop, col_offset, col_offset + n,
-                                          device=a.device)
-            w = w + row_std[start:stop, None].float() * noise
+            z = noise(seed, stop - start, n, a.device, offset=(row_offset + start, col_offset))
+            w = w + row_std[start:stop, None].float() * z
         w = w.to(dtype).float()
         if transpose_weight:
             result[:, start:stop] = a @ w.t()

@@ -42,8 +42,9 @@ def test_dequantization_is_bitwise_that_of_bitsandbytes(quant_type, blocksize, d
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dequantization_rounds_to_the_weights_dtype_as_bitsandbytes(dtype):
-    param = quantized(29, 70, quant_type="nf4", blocksize=64, double=True, dtype=dtype)
+@pytest.mark.parametrize("m,n", [(29, 70), (12, 128)])  # blocks straddling rows, rows of whole blocks
+def test_dequantization_rounds_to_the_weights_dtype_as_bitsandbytes(dtype, m, n):
+    param = quantized(m, n, quant_type="nf4", blocksize=64, double=True, dtype=dtype)
     expected = bnb.functional.dequantize_4bit(param.data, param.quant_state)
     ours = PackedWeight4bit.from_bnb(param).dequantize()
     assert ours.dtype == dtype == expected.dtype
