@@ -201,8 +201,8 @@ class _FlatLoraNoise:
             return super().forward(x)
         except RuntimeError as exc:
             raise RuntimeError(
-                f"{type(self).__name__} over a tensor-parallel base layer: {exc}. Plain PEFT fails the same "
-                "way here: the base layer's output layout must match the LoRA path's (see the README, "
+                f"{type(self).__name__} over a tensor-parallel base layer: {exc}. If the base layer's output "
+                "layout does not match the LoRA path's, plain PEFT fails the same way (see the README, "
                 "'Tensor parallelism', for the plans that work)") from exc
         finally:
             del base.forward

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .noise import _write_noise_kernel
 from .perturbed_matmul import MATMUL_CONFIGS, _perturbed_matmul_kernel, fast_noise, launch_options
-from .quant4bit import TRITON_DTYPES
+from .quant4bit import tile_constexprs
 from .row_norms import _merged_row_norms_kernel, row_norms_blocks
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -27,13 +26,9 @@ QUANT_BLOCKSIZE = 64  # the 4-bit variants: QLoRA's usual NF4 blocks (the block 
 
 
 def weight_4bit_constexprs(dtype: torch.dtype | None, whole_block_rows: bool = True) -> dict:
-    """The constexprs of :func:`~flatlora_kernels.triton_ops.quant4bit.load_weight_tile`: a 4-bit W
-    dequantized to ``dtype`` (rows of whole quantization blocks, or blocks that straddle rows), or a
-    dense W when ``dtype`` is None."""
-    return dict(WEIGHT_4BIT=dtype is not None, QUANT_BLOCKSIZE=QUANT_BLOCKSIZE if dtype is not None else 1,
-                WHOLE_BLOCK_ROWS=dtype is not None and whole_block_rows,
-                DEQUANT_DTYPE=TRITON_DTYPES[dtype] if dtype is not None else tl.float32,
-                DEQUANT_MANUAL_ROUNDING=False)
+    """:func:`~flatlora_kernels.triton_ops.quant4bit.tile_constexprs` for the compiled variants: a 4-bit W
+    in ``dtype`` with :data:`QUANT_BLOCKSIZE` blocks, or a dense W when ``dtype`` is None."""
+    return tile_constexprs(dtype, QUANT_BLOCKSIZE, whole_block_rows)
 
 
 @dataclass(frozen=True)

@@ -268,7 +268,7 @@ def perturbed_matmul_triton(
     bias = bias.contiguous() if bias is not None else None
     has_lora = lora_left is not None
     r = lora_left.shape[1] if has_lora else 1
-    w, stride_wi, stride_wj, weight_4bit = weight_operands(weight)
+    w, stride_wi, stride_wj, weight_kwargs = weight_operands(weight)
     unused = a  # any 2-D tensor stands in for an absent operand; its constexpr flag is off
     left = lora_left if has_lora else unused
     right = lora_right if has_lora else unused
@@ -282,7 +282,7 @@ def perturbed_matmul_triton(
         a.stride(0), a.stride(1), stride_wi, stride_wj,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         keep_t.stride(0), keep_t.stride(1), out.stride(0), out.stride(1),
-        float(scaling), float(keep_scale), seed_lo, seed_hi, noise_row_offset, noise_col_offset, **weight_4bit,
+        float(scaling), float(keep_scale), seed_lo, seed_hi, noise_row_offset, noise_col_offset, **weight_kwargs,
         W_ROWS_ARE_N=transpose_weight, HAS_NOISE=row_std is not None, HAS_BIAS=bias is not None,
         HAS_LORA=has_lora, HAS_KEEP=keep is not None,
         UPCAST_DOT=dot_needs_fp32_operands(out_dtype),

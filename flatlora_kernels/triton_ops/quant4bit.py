@@ -89,6 +89,18 @@ def load_weight_tile(w_ptr, row_start, col_start, row_count, row_length, stride_
     return w
 
 
+def tile_constexprs(dtype: torch.dtype | None, blocksize: int = 1, whole_block_rows: bool = False,
+                    manual_rounding: bool = False) -> dict:
+    """The constexprs of :func:`load_weight_tile`: a 4-bit W dequantized to ``dtype`` with quantization
+    blocks of ``blocksize`` (rows of whole blocks, or blocks that straddle rows), or a dense W when
+    ``dtype`` is None."""
+    if dtype is None:
+        return dict(WEIGHT_4BIT=False, QUANT_BLOCKSIZE=1, WHOLE_BLOCK_ROWS=False, DEQUANT_DTYPE=tl.float32,
+                    DEQUANT_MANUAL_ROUNDING=False)
+    return dict(WEIGHT_4BIT=True, QUANT_BLOCKSIZE=blocksize, WHOLE_BLOCK_ROWS=whole_block_rows,
+                DEQUANT_DTYPE=TRITON_DTYPES[dtype], DEQUANT_MANUAL_ROUNDING=manual_rounding)
+
+
 def weight_operands(weight: torch.Tensor | PackedWeight4bit) -> tuple[torch.Tensor, int, int, dict]:
     """``(w pointer tensor, stride_wi, stride_wj, keyword operands)`` of a kernel that reads W
     through :func:`load_weight_tile`. For a dense W the 4-bit operands are placeholders (never
@@ -100,10 +112,8 @@ def weight_operands(weight: torch.Tensor | PackedWeight4bit) -> tuple[torch.Tens
         if weight.blocksize % 2:
             raise ValueError(f"4-bit block sizes are even in bitsandbytes; got {weight.blocksize}")
         return weight.packed, 0, 0, dict(
-            absmax_ptr=weight.absmax, codebook_ptr=weight.codebook, WEIGHT_4BIT=True,
-            QUANT_BLOCKSIZE=weight.blocksize, WHOLE_BLOCK_ROWS=weight.shape[1] % weight.blocksize == 0,
-            DEQUANT_DTYPE=TRITON_DTYPES[weight.dtype],
-            DEQUANT_MANUAL_ROUNDING=cast_needs_manual_rounding(weight.dtype))
-    return weight, weight.stride(0), weight.stride(1), dict(
-        absmax_ptr=weight, codebook_ptr=weight, WEIGHT_4BIT=False, QUANT_BLOCKSIZE=1,
-        WHOLE_BLOCK_ROWS=False, DEQUANT_DTYPE=tl.float32, DEQUANT_MANUAL_ROUNDING=False)
+            absmax_ptr=weight.absmax, codebook_ptr=weight.codebook,
+            **tile_constexprs(weight.dtype, weight.blocksize, weight.shape[1] % weight.blocksize == 0,
+                              cast_needs_manual_rounding(weight.dtype)))
+    return weight, weight.stride(0), weight.stride(1), dict(absmax_ptr=weight, codebook_ptr=weight,
+                                                            **tile_constexprs(None))

@@ -68,11 +68,11 @@ def merged_row_norms_triton(weight: torch.Tensor | PackedWeight4bit, lora_A: tor
     if m == 0:
         return out
     block_m, block_n = (16, 32) if INTERPRETER else row_norms_blocks(isinstance(weight, PackedWeight4bit))
-    w, stride_wm, stride_wn, weight_4bit = weight_operands(weight)
+    w, stride_wm, stride_wn, weight_kwargs = weight_operands(weight)
     _merged_row_norms_kernel[(cdiv(m, block_m),)](
         w, lora_A, lora_B, out, m, n, r,
         stride_wm, stride_wn, lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), float(scaling), **weight_4bit,
+        lora_B.stride(0), lora_B.stride(1), float(scaling), **weight_kwargs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block(r),
     )
     return out
