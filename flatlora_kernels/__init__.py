@@ -12,7 +12,8 @@ Public API:
 * :mod:`flatlora_kernels.sharpness`: :class:`SAM`, :class:`SAMPerturber`, :class:`MergedSAM`, :class:`RWP`,
   :class:`BiLoRA` and :class:`SharpnessTrainer`, the sharpness-aware neighbours;
 * :mod:`flatlora_kernels.flatness`: Hessian spectra, sharpness and loss surfaces of the merged weights;
-* :func:`backend_name` tells which implementation runs for a device; :func:`native_available`
+* :func:`backend_name` tells which implementation runs for a device, :func:`path_name` which GPU path
+  (fused kernels or slabs, :mod:`~flatlora_kernels.paths`) a call takes; :func:`native_available`
   whether the compiled C++ ops are installed.
 """
 
@@ -23,12 +24,13 @@ from .controller import FlatLora, apply_flat_lora, register_flat_lora
 from . import layer
 from .layer import FlatLoraLinear
 from .native import native_available
+from .paths import path_name
 from .sharpness import RWP, SAM, BiLoRA, MergedSAM, SAMPerturber
 
 __version__ = "0.1.0"
 
 __all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraConfig", "FlatLoraLinear", "apply_flat_lora", "backend_name",
-           "flat_lora_linear", "generate_noise", "merged_row_norms", "native_available", "register_flat_lora",
+           "flat_lora_linear", "generate_noise", "merged_row_norms", "native_available", "path_name", "register_flat_lora",
            "BiLoRA", "MergedSAM", "RWP", "SAM", "SAMPerturber", "SharpnessTrainer", "flatness"]
 if layer.LoraLinear4bit is not None:  # FlatLoraLinear4bit exists where bitsandbytes does
     __all__.append("FlatLoraLinear4bit")

@@ -10,6 +10,7 @@ from . import checks
 from .backends import get_backend
 from .distributed import is_dtensor, sharded_merged_row_norms
 from .noise import check_seed, seed_from_int64, seed_to_int64
+from .paths import path_name
 from .quant4bit import PackedWeight4bit
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -122,11 +123,12 @@ def perturbed_matmul_op(
     a: torch.Tensor, weight: torch.Tensor, transpose_weight: bool, seed: int, row_std: Optional[torch.Tensor],
     bias: Optional[torch.Tensor], lora_left: Optional[torch.Tensor], lora_right: Optional[torch.Tensor],
     scaling: float, keep: Optional[torch.Tensor], keep_scale: float, out_dtype: torch.dtype,
-    noise_row_offset: int, noise_col_offset: int,
+    noise_row_offset: int, noise_col_offset: int, path: str,
 ) -> torch.Tensor:
     """The registered operator behind the layer: one opaque node for ``torch.compile``; it runs the
-    selected backend (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`)."""
-    return get_backend(a.device).perturbed_matmul(
+    selected backend on ``path`` ("fused" or "slab", see :mod:`flatlora_kernels.paths`) (semantics:
+    :func:`flatlora_kernels.reference.perturbed_matmul`)."""
+    return _backend_matmul(get_backend(a.device), path)(
         a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
         lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
         out_dtype=out_dtype, noise_offset=(noise_row_offset, noise_col_offset))
@@ -134,21 +136,25 @@ def perturbed_matmul_op(
 
 @perturbed_matmul_op.register_fake
 def _perturbed_matmul_fake(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
-                           keep, keep_scale, out_dtype, noise_row_offset, noise_col_offset):
+                           keep, keep_scale, out_dtype, noise_row_offset, noise_col_offset, path):
     return a.new_empty((a.shape[0], weight.shape[0] if transpose_weight else weight.shape[1]), dtype=out_dtype)
 
 
+def _backend_matmul(backend, path: str):
+    return backend.slab_matmul if path == "slab" else backend.perturbed_matmul
+
+
 def _perturbed_matmul(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling, keep,
-                      keep_scale, out_dtype, noise_offset):
+                      keep_scale, out_dtype, noise_offset, path):
     """The registered op for a dense weight; a 4-bit base (a dataclass, which the op cannot take)
-    calls its backend directly: the fused Triton kernel, or the reference's row-block path."""
+    calls its backend directly: the fused Triton kernel or the slab path, or the reference's row-block path."""
     if isinstance(weight, PackedWeight4bit):
-        return get_backend(a.device, weight).perturbed_matmul(
+        return _backend_matmul(get_backend(a.device, weight), path)(
             a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
             lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
             out_dtype=out_dtype, noise_offset=noise_offset)
     return perturbed_matmul_op(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
-                               keep, keep_scale, out_dtype, *noise_offset)
+                               keep, keep_scale, out_dtype, *noise_offset, path)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -165,12 +171,13 @@ class FlatLoraLinearFunction(torch.autograd.Function):
     (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`), dequantized tile by tile in the Triton
     kernels, else a block of rows at a time.
     Without LoRA factors (``lora_A = lora_B = None``) it is the perturbed base linear alone.
-    ``noise_offset`` is where ``W`` starts in the logical weight (a tensor-parallel shard).
+    ``noise_offset`` is where ``W`` starts in the logical weight (a tensor-parallel shard); ``path``
+    ("fused" or "slab") is the one both passes take.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, seed, row_std, dropout_p,
-                compute_dtype, lora_dtype, noise_offset):
+                compute_dtype, lora_dtype, noise_offset, path):
         keep = lora_hidden = None
         if lora_A is not None:
             x_lora = x.to(lora_dtype)
@@ -180,12 +187,13 @@ class FlatLoraLinearFunction(torch.autograd.Function):
                 x_lora = x_lora * keep * (1.0 / (1.0 - dropout_p))
             lora_hidden = x_lora @ lora_A.to(lora_dtype).t()
         y = _perturbed_matmul(x, weight, True, seed, row_std, bias, lora_hidden,
-                              None if lora_B is None else lora_B.t(), scaling, None, 1.0, compute_dtype, noise_offset)
+                              None if lora_B is None else lora_B.t(), scaling, None, 1.0, compute_dtype, noise_offset,
+                              path)
         packed = isinstance(weight, PackedWeight4bit)
         ctx.packed_weight = weight if packed else None  # not a tensor: kept by reference, like a parameter
         ctx.save_for_backward(x, None if packed else weight, lora_A, lora_B, row_std, keep, lora_hidden)
         ctx.config = (scaling, seed, dropout_p, compute_dtype, lora_dtype, None if bias is None else bias.dtype,
-                      noise_offset)
+                      noise_offset, path)
         return y
 
     @staticmethod
@@ -193,7 +201,7 @@ class FlatLoraLinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, row_std, keep, lora_hidden = ctx.saved_tensors
         if ctx.packed_weight is not None:
             weight = ctx.packed_weight
-        scaling, seed, dropout_p, compute_dtype, lora_dtype, bias_dtype, noise_offset = ctx.config
+        scaling, seed, dropout_p, compute_dtype, lora_dtype, bias_dtype, noise_offset, path = ctx.config
         keep_scale = 1.0 / (1.0 - dropout_p)
         with torch.autocast(x.device.type, enabled=False):
             grad_lora = grad_y.to(lora_dtype)
@@ -202,7 +210,7 @@ class FlatLoraLinearFunction(torch.autograd.Function):
             grad_x = grad_A = grad_B = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_x = _perturbed_matmul(grad_y, weight, False, seed, row_std, None, grad_hidden, lora_A,
-                                           scaling, keep, keep_scale, compute_dtype, noise_offset).to(x.dtype)
+                                           scaling, keep, keep_scale, compute_dtype, noise_offset, path).to(x.dtype)
             if ctx.needs_input_grad[3]:
                 x_lora = x.to(lora_dtype)
                 if keep is not None:
@@ -212,13 +220,13 @@ class FlatLoraLinearFunction(torch.autograd.Function):
                 grad_B = (scaling * (grad_lora.t() @ lora_hidden)).to(lora_B.dtype)
             if bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = grad_y.float().sum(0).to(bias_dtype)
-        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None, None
 
 
 def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, bias: torch.Tensor | None,
                      lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, *, seed: int,
                      row_std: torch.Tensor | None, dropout_p: float = 0.0,
-                     noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                     noise_offset: tuple[int, int] = (0, 0), path: str = "auto") -> torch.Tensor:
     """LoRA linear layer evaluated at the perturbed merged weight ``W + diag(row_std) Z(seed) + s·BA``.
 
     Args:
@@ -238,6 +246,10 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, b
         noise_offset: ``(r0, c0)`` when ``weight`` is the block of a larger logical weight that starts
             at row ``r0`` and column ``c0`` (a tensor-parallel shard): it is perturbed with
             ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]``, the noise the whole weight has there.
+        path: "auto", "fused" or "slab": how the Triton backend forms the perturbed product (see
+            :mod:`flatlora_kernels.paths`; ``FLATLORA_PATH`` overrides it, :func:`~flatlora_kernels.path_name`
+            tells which one a call takes). Same values either way, up to summation order and the slab
+            path's second rounding of the LoRA term in 16-bit.
 
     Returns ``(..., out_features)`` in the input's dtype, or the autocast dtype under autocast.
     Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; the noise is regenerated, not
@@ -247,13 +259,13 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, b
         _check_lora(weight, lora_A, lora_B)
         check_row_std(row_std, weight)
     return _flat_lora_linear(x, weight, bias, lora_A, lora_B, scaling, seed=seed, row_std=row_std,
-                             dropout_p=dropout_p, noise_offset=noise_offset)
+                             dropout_p=dropout_p, noise_offset=noise_offset, path=path)
 
 
 def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, bias: torch.Tensor | None,
                       lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, *, seed: int,
                       row_std: torch.Tensor | None, dropout_p: float = 0.0,
-                      noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                      noise_offset: tuple[int, int] = (0, 0), path: str = "auto") -> torch.Tensor:
     """:func:`flat_lora_linear` without reading ``row_std``'s values, for callers inside the package
     that built ``c`` themselves: the layer (checked once per sample, not per call) and the
     flatness toolkit (whose signed steps along a direction need negative ``c``)."""
@@ -283,7 +295,8 @@ def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, 
     if compute_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"autocast dtype {compute_dtype} is not supported")
     x2 = x.reshape(-1, n)
+    path = path_name(x.device, x2.shape[0], m, n, compute_dtype, path)
     with torch.autocast(x.device.type, enabled=False):
         y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, seed64, row_std,
-                                         dropout_p, compute_dtype, lora_dtype, noise_offset)
+                                         dropout_p, compute_dtype, lora_dtype, noise_offset, path)
     return y.reshape(*x.shape[:-1], m)

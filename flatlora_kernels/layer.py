@@ -12,6 +12,7 @@ from . import checks
 from .distributed import check_seed_shared_across_shards, is_dtensor, tensor_parallel_perturbed_linear
 from .functional import SUPPORTED_DTYPES, _flat_lora_linear, check_row_std, merged_row_norms
 from .noise import check_seed
+from .paths import check_path
 from .quant4bit import CODEBOOKS, PackedWeight4bit, is_4bit_weight
 
 try:  # PEFT defines its 4-bit LoRA layer only where bitsandbytes is installed
@@ -88,6 +89,17 @@ class _FlatLoraNoise:
     peft_name: str  # how users know the class it replaces
     noise_seed: int | None
     noise_row_std: torch.Tensor | None
+    _path: str = "auto"
+
+    @property
+    def path(self) -> str:
+        """How the Triton backend forms the perturbed product: "auto" (default), "fused" or "slab"
+        (:mod:`flatlora_kernels.paths`; ``FLATLORA_PATH`` overrides it)."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self._path = check_path(value)
 
     def _reset_noise_state(self) -> None:
         self.noise_seed = None
@@ -95,9 +107,10 @@ class _FlatLoraNoise:
         self._seed_checked_across_shards: int | None = None  # the seed last found shared by every shard's rank
 
     @classmethod
-    def from_lora_linear(cls, layer: torch.nn.Module):
+    def from_lora_linear(cls, layer: torch.nn.Module, *, path: str = "auto"):
         """Turn an existing PEFT layer of ``cls.peft_class`` into this class in place (same object,
-        same parameters and hooks) and return it."""
+        same parameters and hooks) and return it; ``path`` as :attr:`path`."""
+        check_path(path)
         if isinstance(layer, cls):
             raise ValueError(f"layer is already a {cls.__name__}")
         if type(layer) is not cls.peft_class:
@@ -107,6 +120,7 @@ class _FlatLoraNoise:
             raise TypeError(f"cannot train this layer with Flat-LoRA noise: {reason}")
         layer.__class__ = cls
         layer._reset_noise_state()
+        layer.path = path
         return layer
 
     @property
@@ -171,7 +185,7 @@ class _FlatLoraNoise:
         # row_std was checked once, when the sample was drawn
         return _flat_lora_linear(
             x, weight, self.get_base_layer().bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-            self.scaling[adapter], seed=self.noise_seed, row_std=row_std, dropout_p=dropout_p)
+            self.scaling[adapter], seed=self.noise_seed, row_std=row_std, dropout_p=dropout_p, path=self.path)
 
     def _tensor_parallel_forward(self, x: torch.Tensor, weight: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
         """PEFT's own forward with only the base layer's matmul replaced by the shard-wise perturbed one.
@@ -189,7 +203,7 @@ class _FlatLoraNoise:
         def perturbed_local_linear(x_local, weight_local, offset):
             rows = row_std[offset[0]:offset[0] + weight_local.shape[0]]
             return _flat_lora_linear(x_local, weight_local, None, None, None, 0.0, seed=seed, row_std=rows,
-                                     noise_offset=offset)
+                                     noise_offset=offset, path=self.path)
 
         def perturbed_base_forward(x_in, *args, **kwargs):
             return tensor_parallel_perturbed_linear(x_in, weight, base.bias, perturbed_local_linear)
@@ -227,8 +241,9 @@ class FlatLoraLinear(_FlatLoraNoise, LoraLinear):
     peft_class = LoraLinear
     peft_name = "peft.tuners.lora.Linear"
 
-    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, *args, **kwargs) -> None:
+    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, *args, path: str = "auto", **kwargs) -> None:
         super().__init__(base_layer, adapter_name, *args, **kwargs)
+        self.path = path
         if type(self.get_base_layer()).__name__ == "Conv1D" and not self.fan_in_fan_out:
             raise ValueError("a Conv1D base layer stores its weight as (in, out): set fan_in_fan_out=True "
                              "in the LoraConfig, as plain PEFT expects")

@@ -253,7 +253,30 @@ def perturbed_matmul_triton(
     out_dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0), out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel; the semantics are those of :func:`flatlora_kernels.reference.perturbed_matmul`
-    (``weight`` dense or 4-bit, read in place either way)."""
+    (``weight`` dense or 4-bit, read in place either way). The first CUDA launch of each kernel variant
+    in a process is checked against the slab path first (:mod:`~flatlora_kernels.triton_ops.fused_guard`)."""
+    from . import fused_guard  # it launches both paths: imported here, after both modules exist
+
+    kwargs = dict(transpose_weight=transpose_weight, seed=seed, row_std=row_std, bias=bias, lora_left=lora_left,
+                  lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale, out_dtype=out_dtype,
+                  noise_offset=noise_offset, out=out)
+    N = weight.shape[0] if transpose_weight else weight.shape[1]
+    config_name, config = MATMUL_CONFIGS.select(out_dtype, a.shape[0], N,
+                                                weight_4bit=isinstance(weight, PackedWeight4bit))
+    if not fused_guard.variant_passes(a, weight, config_name, config, kwargs):
+        from .slab import slab_perturbed_matmul
+
+        return slab_perturbed_matmul(a, weight, **kwargs)
+    return launch_fused(a, weight, config, **kwargs)
+
+
+def launch_fused(
+    a: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, config: dict, *, transpose_weight: bool, seed: int,
+    row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
+    lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
+    out_dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0), out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused kernel with launch configuration ``config`` (an entry of :data:`MATMUL_CONFIGS`), unchecked."""
     seed_lo, seed_hi = contract.split_seed(seed)
     noise_row_offset, noise_col_offset = noise_offset
     m_w, n_w = weight.shape
@@ -273,7 +296,7 @@ def perturbed_matmul_triton(
     left = lora_left if has_lora else unused
     right = lora_right if has_lora else unused
     keep_t = keep if keep is not None else unused
-    cfg = dict(MATMUL_CONFIGS.select(out_dtype, M, N, weight_4bit=isinstance(weight, PackedWeight4bit))[1])
+    cfg = dict(config)
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _perturbed_matmul_kernel[grid](
         a, w, row_std if row_std is not None else unused, bias if bias is not None else unused,
