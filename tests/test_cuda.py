@@ -1,7 +1,8 @@
 """Realistic shapes on a GPU: 7B-sized layers, 1 to 16384 tokens, bf16, and m*n >= 2**31.
 
-Skipped without CUDA. The Triton kernels are compared with the reference backend (same
-rounding points, materialised noise) and the noise with the reference generator.
+Skipped without CUDA. The Triton kernels (fused and slab paths) are compared with the reference
+backend (same rounding points, materialised noise) and the noise with the reference generator;
+every fused variant runs its guard check against the slab path; the slab path's memory stays bounded.
 """
 
 import pytest
@@ -18,17 +19,18 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BF16_TWO_ULP = 2.0**-7
 
 
-def _run(backend, monkeypatch, x, weight, bias, lora_A, lora_B, row_std, dy):
+def _run(backend, monkeypatch, x, weight, bias, lora_A, lora_B, row_std, dy, path="auto"):
     monkeypatch.setenv(BACKEND_ENV, backend)
     x = x.detach().requires_grad_()
-    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 2.0, seed=2**63 + 11, row_std=row_std)
+    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 2.0, seed=2**63 + 11, row_std=row_std, path=path)
     grads = torch.autograd.grad(y, [x, lora_A, lora_B], dy)
     return (y, *grads)
 
 
+@pytest.mark.parametrize("path", ["fused", "slab"])
 @pytest.mark.parametrize("n,m", [(4096, 4096), (4096, 11008), (11008, 4096)])
 @pytest.mark.parametrize("tokens", [1, 17, 1024, 16384])
-def test_triton_matches_reference_on_7b_shapes(n, m, tokens, monkeypatch):
+def test_triton_matches_reference_on_7b_shapes(n, m, tokens, path, monkeypatch):
     torch.manual_seed(0)
     dev = "cuda"
     weight = (torch.randn(m, n, device=dev) * 0.02).to(torch.bfloat16)
@@ -37,7 +39,7 @@ def test_triton_matches_reference_on_7b_shapes(n, m, tokens, monkeypatch):
     row_std = 0.05 * fk.merged_row_norms(weight, lora_A, lora_B, 2.0) / n**0.5
     x = torch.randn(tokens, n, device=dev).to(torch.bfloat16)
     dy = torch.randn(tokens, m, device=dev).to(torch.bfloat16)
-    ours = _run("triton", monkeypatch, x, weight, None, lora_A, lora_B, row_std, dy)
+    ours = _run("triton", monkeypatch, x, weight, None, lora_A, lora_B, row_std, dy, path)
     ref = _run("reference", monkeypatch, x, weight, None, lora_A, lora_B, row_std, dy)
     for name, a, b in zip(("y", "grad x", "grad A", "grad B"), ours, ref):
         tol = BF16_TWO_ULP if a.dtype == torch.bfloat16 else 1e-4
@@ -88,3 +90,61 @@ def test_native_cuda_noise_equals_what_the_triton_forward_regenerates(monkeypatc
                             1.0, seed=seed, row_std=torch.ones(m, device="cuda"))
     recovered = y.t() - weight
     torch.testing.assert_close(generate_noise_native(seed, m, n, "cuda"), recovered, rtol=0, atol=2e-5)
+
+
+def test_every_fused_variant_passes_its_guard_check():
+    """Each configuration a GPU launches, both directions, dense W in every dtype and a 4-bit bf16 W, checked
+    against the slab path by the guard as a first use would be (FLATLORA_FUSED_CHECK=error raises on a miss)."""
+    from flatlora_kernels.triton_ops import fused_guard
+    from flatlora_kernels.triton_ops.perturbed_matmul import MATMUL_CONFIGS, perturbed_matmul_triton
+
+    from flatlora_kernels.quant4bit import PackedWeight4bit
+
+    codes = torch.randint(0, 256, (200 * 256 // 2,), dtype=torch.uint8, device="cuda")
+    packed_weight = PackedWeight4bit(codes, torch.rand(200 * 256 // 64, device="cuda") + 0.5,
+                                     torch.linspace(-1, 1, 16, device="cuda"), 64, (200, 256), torch.bfloat16)
+    cases = [(dtype, torch.randn(200, 256, device="cuda").to(dtype))
+             for dtype in (torch.float32, torch.bfloat16, torch.float16)] + [(torch.bfloat16, packed_weight)]
+    with fused_guard.checking_for_tests(devices=()) as verdicts:
+        for dtype, weight in cases:
+            packed = isinstance(weight, PackedWeight4bit)
+            for name, _ in MATMUL_CONFIGS.distinct(dtype, weight_4bit=packed):
+                for forward in (True, False):
+                    a = torch.randn(70, 256 if forward else 200, device="cuda").to(dtype)
+                    out_columns = 200 if forward else 256
+                    with MATMUL_CONFIGS.force(name):
+                        perturbed_matmul_triton(
+                            a, weight, transpose_weight=forward, seed=5, row_std=torch.rand(200, device="cuda"),
+                            bias=torch.randn(200, device="cuda").to(dtype) if forward else None,
+                            lora_left=torch.randn(70, 8, device="cuda"), lora_right=torch.randn(8, out_columns, device="cuda"),
+                            scaling=0.5, keep=None if forward else torch.rand(70, out_columns, device="cuda") > 0.2,
+                            keep_scale=1.25, out_dtype=dtype)
+        assert verdicts and all(verdicts.values()), verdicts
+        expected = sum(2 * len(MATMUL_CONFIGS.distinct(d, weight_4bit=isinstance(w, PackedWeight4bit))) for d, w in cases)
+        assert len(verdicts) == expected
+
+
+def test_slab_path_memory_stays_within_its_bound():
+    """Forward and dX of a 4096 -> 11008 bf16 layer at 4096 tokens: what the slab path allocates beyond
+    its output (after a warm-up, so cuBLAS's workspace already exists) stays within the slab and one
+    float32 epilogue block, while the perturbed weight would be 86 MiB."""
+    from flatlora_kernels.triton_ops.slab import slab_bytes, slab_perturbed_matmul
+
+    n, m, tokens = 4096, 11008, 4096
+    weight = (torch.randn(m, n, device="cuda") * 0.02).to(torch.bfloat16)
+    row_std = torch.full((m,), 0.01, device="cuda")
+    for forward in (True, False):
+        a = torch.randn(tokens, n if forward else m, device="cuda").to(torch.bfloat16)
+        out = torch.empty(tokens, m if forward else n, device="cuda", dtype=torch.bfloat16)
+        kwargs = dict(transpose_weight=forward, seed=1, row_std=row_std, bias=None,
+                      lora_left=torch.randn(tokens, 8, device="cuda"),
+                      lora_right=torch.randn(8, m if forward else n, device="cuda"), scaling=0.5,
+                      keep=None, keep_scale=1.0, out_dtype=torch.bfloat16, out=out)
+        slab_perturbed_matmul(a, weight, **kwargs)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        slab_perturbed_matmul(a, weight, **kwargs)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        assert extra <= 2 * slab_bytes() + 2**20, (forward, extra / 2**20)
