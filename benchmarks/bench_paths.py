@@ -21,15 +21,13 @@ before it (None on the CPU). Writes one ``flatlora-bench/1`` record, ``paths-<de
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 import flatlora_kernels as fk
 from bench_layer import make_layer
-from common import RESULTS, bench_device, device_label, median_ms, slug, write_record
+from common import RESULTS, layer_bench_arguments, median_ms, slug, write_record
 from flatlora_kernels.paths import device_class
 
 PRESETS = {
@@ -82,21 +80,14 @@ def bench_shape(n: int, m: int, tokens: int, device: torch.device, reps: int) ->
     peaks = [peak_extra_mib(fn, device) for fn in fns]
     times = median_ms(fns, device, reps)
     return [{"in": n, "out": m, "tokens": tokens, "method": method,
-             "backend": fk.backend_name(device) if method in ("fused", "slab") else "torch", "fwdbwd_ms": ms, "fwdbwd_ratio": ms / times[0], "peak_extra_mib": peak}
+             "backend": fk.backend_name(device) if method in ("fused", "slab") else "torch",
+             "fwdbwd_ms": ms, "fwdbwd_ratio": ms / times[0], "peak_extra_mib": peak}
             for method, ms, peak in zip(METHODS, times, peaks)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="7b on a GPU (default there), tiny on the CPU (default there)")
-    parser.add_argument("--reps", type=int, default=5, help="CPU repetitions per timing")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    args = parser.parse_args()
-    device = bench_device()
-    preset_name = args.preset or ("7b" if device.type == "cuda" else "tiny")
+    args, device, preset_name, label = layer_bench_arguments(__doc__.splitlines()[0], PRESETS, default_reps=5)
     preset = PRESETS[preset_name]
-    label = device_label(device)
     print(f"device: {label} | backend: {fk.backend_name(device)} | class {device_class(device)}")
     print(f"{'in':>6} {'out':>6} {'tokens':>6} " + " ".join(f"{m:>15}" for m in METHODS))
     rows = []
