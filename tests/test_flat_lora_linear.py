@@ -7,7 +7,8 @@ from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
 from flatlora_kernels.backends import BACKEND_ENV
-from flatlora_kernels.triton_ops.perturbed_matmul import MATMUL_CONFIGS
+from flatlora_kernels.testing import forced_matmul_config
+from flatlora_kernels.triton_ops.launch_settings import MATMUL_CONFIGS
 
 from .helpers import REL_TOL, assert_close_rel, float64_flat_lora, rel_err
 
@@ -168,7 +169,7 @@ def test_every_gpu_configuration_on_the_interpreter(config, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "triton")
     dtype = torch.float32 if config.startswith("fp32") else torch.bfloat16
     x, weight, bias, lora_A, lora_B, row_std = make_inputs("cpu", (70,), 130, 75, 3, dtype, torch.float32)
-    with MATMUL_CONFIGS.force(config):
+    with forced_matmul_config(config):
         y, y64, grads, grads64 = run_both(x, weight, bias, lora_A, lora_B, row_std)
         call = lambda inp: fk.flat_lora_linear(inp, weight, bias, lora_A, lora_B, 0.75, seed=1234,  # noqa: E731
                                                row_std=row_std).detach()
@@ -187,7 +188,7 @@ def test_configuration_table_covers_every_class_and_routes_tokens():
     assert MATMUL_CONFIGS.classify(torch.float16, 64, 100) == ("16bit", "narrow", "decode")
     assert MATMUL_CONFIGS.classify(torch.float32, 65, 128) == ("fp32", "wide", "bulk")
     with pytest.raises(KeyError, match="no configuration named"):
-        with MATMUL_CONFIGS.force("nonexistent"):
+        with forced_matmul_config("nonexistent"):
             pass
 
 
