@@ -75,10 +75,10 @@ def _matmul_types(dtype: torch.dtype, weight_4bit: bool) -> dict:
 # What Triton specialises at launch for the usual case (contiguous row-major x, W, dY and output;
 # feature sizes and pointers multiples of 16): unit strides become constants, the rest get a
 # divisibility hint. Without this the compiled loop would use scalar loads a GPU never runs.
-UNIT_STRIDES = ("stride_ak", "stride_wj", "stride_on", "stride_kn")
+UNIT_STRIDES = ("stride_ak", "stride_wj", "stride_on", "stride_keep_n")
 DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "row_std_ptr", "bias_ptr", "lora_hidden_ptr", "lora_out_factor_ptr",
                    "dropout_keep_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N", "K", "stride_am", "stride_wi",
-                   "stride_om", "stride_km")
+                   "stride_om", "stride_keep_m")
 
 
 def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: dict,

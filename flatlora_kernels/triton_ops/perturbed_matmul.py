@@ -53,8 +53,8 @@ def _perturbed_matmul_kernel(
     M, N, K, R,
     # Strides
     stride_am, stride_ak, stride_wi, stride_wj,
-    stride_hm, stride_hr, stride_fr, stride_fn,
-    stride_km, stride_kn, stride_om, stride_on,
+    stride_hidden_m, stride_hidden_r, stride_factor_r, stride_factor_n,
+    stride_keep_m, stride_keep_n, stride_om, stride_on,
     # LoRA term: s, and 1 / (1 - p) for the kept elements
     scaling, keep_scale,
     # Noise: the seed's two words and where W starts in the logical weight (a tensor-parallel shard)
@@ -104,13 +104,13 @@ def _perturbed_matmul_kernel(
     if HAS_LORA:
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        hidden = tl.load(lora_hidden_ptr + offs_m[:, None] * stride_hm + ranks[None, :] * stride_hr,
+        hidden = tl.load(lora_hidden_ptr + offs_m[:, None] * stride_hidden_m + ranks[None, :] * stride_hidden_r,
                          mask=m_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        factor = tl.load(lora_out_factor_ptr + ranks[:, None] * stride_fr + offs_n[None, :] * stride_fn,
+        factor = tl.load(lora_out_factor_ptr + ranks[:, None] * stride_factor_r + offs_n[None, :] * stride_factor_n,
                          mask=rank_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         lora = tl.dot(hidden, factor, input_precision="ieee") * scaling
         if HAS_KEEP:
-            keep = tl.load(dropout_keep_ptr + offs_m[:, None] * stride_km + offs_n[None, :] * stride_kn,
+            keep = tl.load(dropout_keep_ptr + offs_m[:, None] * stride_keep_m + offs_n[None, :] * stride_keep_n,
                            mask=m_ok[:, None] & n_ok[None, :], other=0)
             lora = lora * (keep.to(tl.float32) * keep_scale)
         acc += lora
@@ -250,7 +250,7 @@ def perturbed_matmul_triton(call: PerturbedMatmul, *, out: torch.Tensor | None =
     row_std = call.row_std.contiguous() if call.row_std is not None else None
     bias = call.bias.contiguous() if call.bias is not None else None
     w, stride_wi, stride_wj, weight_kwargs = weight_operands(call.weight)
-    weight_tile = {k: weight_kwargs.pop(k) for k in tile_constexprs(None)}
+    weight_tile = {k: weight_kwargs.pop(k) for k in tile_constexprs(None)}  # constexprs: one builder for all
     rank = call.lora_hidden.shape[1] if call.lora_hidden is not None else 1
     unused = call.a  # any 2-D tensor stands in for an absent operand; its constexpr flag is off
     hidden = call.lora_hidden if call.lora_hidden is not None else unused
@@ -265,14 +265,14 @@ def perturbed_matmul_triton(call: PerturbedMatmul, *, out: torch.Tensor | None =
         dropout_keep_ptr=keep, out_ptr=out, **weight_kwargs,
         M=M, N=N, K=call.inner_size, R=rank,
         stride_am=call.a.stride(0), stride_ak=call.a.stride(1), stride_wi=stride_wi, stride_wj=stride_wj,
-        stride_hm=hidden.stride(0), stride_hr=hidden.stride(1), stride_fr=factor.stride(0), stride_fn=factor.stride(1),
-        stride_km=keep.stride(0), stride_kn=keep.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_hidden_m=hidden.stride(0), stride_hidden_r=hidden.stride(1),
+        stride_factor_r=factor.stride(0), stride_factor_n=factor.stride(1),
+        stride_keep_m=keep.stride(0), stride_keep_n=keep.stride(1), stride_om=out.stride(0), stride_on=out.stride(1),
         scaling=float(call.scaling), keep_scale=float(call.keep_scale), seed_lo=seed_lo, seed_hi=seed_hi,
         noise_row_offset=noise_row_offset, noise_col_offset=noise_col_offset,
         **matmul_constexprs(call.out_dtype, forward=call.transpose_weight, blocks=blocks, weight_tile=weight_tile,
                             has_noise=row_std is not None, has_bias=bias is not None,
-                            has_lora=call.lora_hidden is not None, has_keep=call.dropout_keep is not None,
-                            rank=rank,
+                            has_lora=call.lora_hidden is not None, has_keep=call.dropout_keep is not None, rank=rank,
                             noise_cols_aligned=noise_col_offset % 4 == 0, fp32_precision=fp32_dot_precision()),
         **options,
     )
