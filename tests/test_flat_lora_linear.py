@@ -1,5 +1,7 @@
 """flat_lora_linear: forward and every gradient against float64 oracles, on every backend."""
 
+import dataclasses
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -7,6 +9,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
 from flatlora_kernels.backends import BACKEND_ENV
+from flatlora_kernels.matmul_call import PerturbedMatmul
 from flatlora_kernels.testing import forced_matmul_config
 from flatlora_kernels.triton_ops.launch_settings import MATMUL_CONFIGS
 
@@ -179,6 +182,18 @@ def test_every_gpu_configuration_on_the_interpreter(config, monkeypatch):
         assert_close_rel(g, g64, dtype, f"grad {name}")
     assert_close_rel(single, y64[41:42], dtype, "one token alone")
     assert_close_rel(shuffled, y64.flip(0), dtype, "shuffled tokens")
+
+
+def test_the_custom_op_takes_the_fields_of_one_call_in_order():
+    """The registered op rebuilds its PerturbedMatmul positionally: its schema must list the fields
+    in order (the noise offset as two ints), and the call must reject half a LoRA term."""
+    names = [arg.name for arg in torch.ops.flatlora.perturbed_matmul.default._schema.arguments]
+    fields = [field.name for field in dataclasses.fields(PerturbedMatmul)]
+    assert fields[-1] == "noise_offset"
+    assert names == fields[:-1] + ["noise_row_offset", "noise_col_offset"]
+    with pytest.raises(ValueError, match="lora_hidden and lora_out_factor come together"):
+        PerturbedMatmul(torch.ones(2, 3), torch.ones(4, 3), transpose_weight=True, seed=0, row_std=None,
+                        out_dtype=torch.float32, lora_hidden=torch.ones(2, 1))
 
 
 def test_configuration_table_covers_every_class_and_routes_tokens():
