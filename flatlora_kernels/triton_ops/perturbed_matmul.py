@@ -168,12 +168,15 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
 
 @triton.jit
 def _noise_tile(seed_lo, seed_hi, noise_rows, noise_col_offset, n_start, k_start, K_AHEAD: tl.constexpr,
-                W_ROWS_ARE_N: tl.constexpr,
-                FAST_NOISE: tl.constexpr, NOISE_COLS_ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """Z on the W tile of the K-step at ``k_start + K_AHEAD``, in W's orientation: ``[BLOCK_N W rows, BLOCK_K
-    columns]`` forward, ``[BLOCK_K W rows, BLOCK_N columns]`` for dX. ``noise_rows`` are the logical
-    rows of the program's output columns (forward) or of the first K-step (dX)."""
+                W_ROWS_ARE_N: tl.constexpr, FAST_NOISE: tl.constexpr, NOISE_COLS_ALIGNED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Z on the W tile of the K-step at ``k_start + K_AHEAD``, in W's orientation: ``[BLOCK_N W rows,
+    BLOCK_K columns]`` forward, ``[BLOCK_K W rows, BLOCK_N columns]`` for dX. ``noise_rows`` are the
+    logical rows of the program's output columns (forward) or of the first K-step (dX).
+
+    ``K_AHEAD`` is added last, ``(c0 + k_start) + K_AHEAD``: passing ``k_start + BLOCK_K`` instead
+    let the compiler move 35 ALU instructions of the bf16 forward out from under the MMA (sm_90 SASS,
+    benchmarks/kernel_budget.py: iteration over MMA time 1.77 -> 1.90)."""
     if W_ROWS_ARE_N:
         z = gaussian_tile(seed_lo, seed_hi, noise_rows, noise_col_offset + k_start + K_AHEAD, BLOCK_K, FAST_NOISE,
                           NOISE_COLS_ALIGNED)
