@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the lazy names below, visible to type checkers and the API 
     from . import flatness
     from .layer import FlatLoraLinear4bit
     from .sharpness.trainer import SharpnessTrainer
-    from .trainer import FlatLoraCallback
+    from .callback import FlatLoraCallback
 
 __all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraConfig", "FlatLoraLinear", "apply_flat_lora", "backend_name",
            "flat_lora_linear", "generate_noise", "merged_row_norms", "native_available", "register_flat_lora",
