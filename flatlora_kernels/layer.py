@@ -201,8 +201,8 @@ class _FlatLoraNoise:
         except RuntimeError as exc:
             raise RuntimeError(
                 f"{type(self).__name__} over a tensor-parallel base layer: {exc}. If the base layer's output "
-                "layout does not match the LoRA path's, plain PEFT fails the same way (see the docs, "
-                "'Distributed', for the plans that work)") from exc
+                "layout does not match the LoRA path's, plain PEFT fails the same way (see docs/distributed.md, "
+                "'Tensor parallelism', for the plans that work)") from exc
 
     def _zero3_forward(self, x: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
         """PEFT's forward with the base layer's matmul replaced by the perturbed one, for ZeRO-3 partitioned
