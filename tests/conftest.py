@@ -1,4 +1,5 @@
-"""Pytest fixtures only (shared helpers are in helpers.py). Set-up: the Triton interpreter on machines without CUDA, and (device, backend) pairs.
+"""Pytest fixtures and set-up only (everything else the tests share is in helpers.py): the Triton
+interpreter on machines without CUDA, and the (device, backend) pairs.
 
 TRITON_INTERPRET must be set before triton is imported anywhere, hence here, first.
 """
