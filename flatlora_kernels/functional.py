@@ -75,9 +75,9 @@ def check_noise_offset(offset: tuple[int, int], rows: int, cols: int) -> tuple[i
 
 
 def generate_noise(seed: int, out_features: int, in_features: int, *, device=None,
-                   offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                   noise_offset: tuple[int, int] = (0, 0), **deprecated) -> torch.Tensor:
     """The float32 ``(out_features, in_features)`` matrix ``Z(seed)`` that the kernels regenerate, or with
-    ``offset = (r0, c0)`` its block ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]`` (what a
+    ``noise_offset = (r0, c0)`` its block ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]`` (what a
     tensor-parallel shard whose first element is ``(r0, c0)`` of the logical weight regenerates).
 
     See :mod:`flatlora_kernels.noise` for the exact definition. This materialises it, with the
@@ -85,10 +85,12 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
     GPU kernels evaluate those three with hardware approximations, within
     ``noise.FAST_NOISE_ATOL`` of this.
     """
+    noise_offset = checks.renamed_argument("generate_noise", deprecated, "offset", "noise_offset",
+                                           noise_offset, (0, 0))
     check_seed(seed)
     out_features = checks.nonnegative_int("out_features", out_features)
     in_features = checks.nonnegative_int("in_features", in_features)
-    offset = check_noise_offset(offset, out_features, in_features)
+    offset = check_noise_offset(noise_offset, out_features, in_features)
     device = torch.device("cpu" if device is None else device)
     return get_backend(device).noise(seed, out_features, in_features, device, offset=offset)
 

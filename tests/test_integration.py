@@ -11,7 +11,8 @@ from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
 from flatlora_kernels import FlatLoraLinear, apply_flat_lora, register_flat_lora
-from flatlora_kernels.integration import layer_seed, schedule_factor
+from flatlora_kernels.config import schedule_factor
+from flatlora_kernels.noise import layer_seed
 
 from .helpers import FAMILIES, gpt2, llama, peft_family
 

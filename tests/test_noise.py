@@ -83,7 +83,7 @@ def test_noise_block_at_an_offset_is_that_block_of_the_whole(device_backend, off
     whole Philox calls), and 64-bit positions."""
     device, _ = device_backend
     seed, (r0, c0), (m, n) = 2**63 + 11, offset, (9, 37)
-    z = fk.generate_noise(seed, m, n, device=device, offset=offset)
+    z = fk.generate_noise(seed, m, n, device=device, noise_offset=offset)
     if r0 + c0 < 100:
         expected = contract.reference_noise(seed, r0 + m, c0 + n)[r0:, c0:]
     else:  # too far out to build the whole: the block's own Philox calls, column by column
@@ -96,7 +96,7 @@ def test_noise_block_at_an_offset_is_that_block_of_the_whole(device_backend, off
                                           ((0.5, 0), ValueError), (3, TypeError)])
 def test_noise_offsets_outside_the_index_space_are_refused(offset, error):
     with pytest.raises(error, match="offset|index space"):
-        fk.generate_noise(1, 2, 3, offset=offset)
+        fk.generate_noise(1, 2, 3, noise_offset=offset)
 
 
 @pytest.mark.parametrize("blocks", [(16, 4), (16, 16), (32, 64), (64, 128)])
