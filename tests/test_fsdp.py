@@ -10,8 +10,7 @@ from peft import PeftModel
 from flatlora_kernels import apply_flat_lora
 from flatlora_kernels.noise import layer_seed
 
-from .helpers import join_process_group, run_processes
-from .models import VOCAB, llama, peft_family
+from .helpers import VOCAB, TokenData, join_process_group, llama, peft_family, run_processes, trainable
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
@@ -23,10 +22,6 @@ DEADLINE_S = 240
 
 def _batch(rank: int, step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1000 * step + rank))
-
-
-def _trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
@@ -42,7 +37,7 @@ def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
     # applied to the sharded model, the first sample's filter norms come from DTensor shards (and
     # applied first, every later sample's do)
     ctl = ctl or apply_flat_lora(model, **config)
-    opt = torch.optim.SGD(_trainable(model), lr=LR)
+    opt = torch.optim.SGD(trainable(model).values(), lr=LR)
     losses, grads = [], None
     for step in range(STEPS):
         ids = _batch(rank, step)
@@ -67,7 +62,7 @@ def _single_process_reference(per_rank_noise):
     """The same run on one process: rank r's batch under rank r's noise, gradients averaged as FSDP does."""
     model, _ = peft_family("llama")
     ctl = apply_flat_lora(model, sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=per_rank_noise)
-    opt = torch.optim.SGD(_trainable(model), lr=LR)
+    opt = torch.optim.SGD(trainable(model).values(), lr=LR)
     losses, grads, row_std = [[] for _ in range(WORLD)], None, None
     for step in range(STEPS):
         for rank in range(WORLD):
@@ -156,8 +151,6 @@ def _train_with_trainer(out_dir, distributed: dict | None):
 
     from flatlora_kernels import FlatLoraCallback
 
-    from .test_trainer import TokenData
-
     class InOrder(Trainer):  # both runs see batch 2s + k on rank / micro-batch k of step s
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
@@ -200,5 +193,5 @@ def test_fsdp2_through_trainer_and_accelerate_equals_one_process(tmp_path):
     adapters = {n: p.detach() for n, p in reference.model.named_parameters() if p.requires_grad}
     # the Trainer saved a plain PEFT adapter, gathered from the shards
     _assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
-    untrained = {n: p for n, p in peft_family("llama")[0].named_parameters() if p.requires_grad}
+    untrained = trainable(peft_family("llama")[0])
     assert any(not torch.allclose(adapters[n], untrained[n]) for n in adapters), "training must move the adapters"

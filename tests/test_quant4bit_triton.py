@@ -17,8 +17,7 @@ from flatlora_kernels.triton_ops.launch_settings import MATMUL_CONFIGS, MatmulCo
 from flatlora_kernels.triton_ops.perturbed_matmul import perturbed_matmul_triton
 from flatlora_kernels.triton_ops.row_norms import merged_row_norms_triton
 
-from .helpers import rel_err
-from .test_quant4bit import quantized
+from .helpers import quantized, rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.skipif(_unavailable_reason("triton", torch.device("cpu")) is not None,
