@@ -1,22 +1,11 @@
 """FlatLoraCallback with transformers.Trainer: gradient accumulation, the schedule, resume."""
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from flatlora_kernels import FlatLoraCallback
 
-from .helpers import TokenData, peft_family
-
-
-class StopAfter(TrainerCallback):
-    """Interrupt a run after a given optimizer step (its checkpoint is saved first)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
+from .helpers import TokenData, interrupt_after, peft_family
 
 
 def train(output_dir, max_steps, resume=None, sigma=0.1, callback=True, stop_after=None):
@@ -26,7 +15,7 @@ def train(output_dir, max_steps, resume=None, sigma=0.1, callback=True, stop_aft
                              logging_steps=100, report_to=[], use_cpu=True, seed=0, data_seed=0,
                              dataloader_num_workers=0, disable_tqdm=True)
     callbacks = [FlatLoraCallback(sigma=sigma, seed=7)] if callback else []
-    stop = [StopAfter(stop_after)] if stop_after else []
+    stop = [interrupt_after(stop_after)] if stop_after else []
     trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=callbacks + stop)
     trainer.train(resume_from_checkpoint=resume)
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
