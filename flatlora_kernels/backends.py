@@ -3,10 +3,10 @@
 
 Every backend provides the same three operations with the reference's semantics:
 ``noise(seed, m, n, device, offset=(r0, c0))``, ``row_norms(weight, lora_A, lora_B, scaling)`` and
-``perturbed_matmul(a, weight, **kwargs)`` (see :mod:`flatlora_kernels.reference`); ``offset`` and
-``perturbed_matmul``'s ``noise_offset`` place the weight inside a larger logical one (tensor parallelism).
-``slab_matmul`` computes the same in the slab form (:mod:`flatlora_kernels.paths`): on the Triton
-backend the slab path, elsewhere the backend's one ``perturbed_matmul``, which already has that form.
+``perturbed_matmul(call, out=None)`` on a :class:`~flatlora_kernels.matmul_call.PerturbedMatmul` (see
+:mod:`flatlora_kernels.reference`); ``offset`` and the call's ``noise_offset`` place the weight inside a
+larger logical one (tensor parallelism). The call's ``path`` (fused kernels or slabs,
+:mod:`flatlora_kernels.paths`) matters to the Triton backend only: the others have one form, the slab form.
 
 A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`): the Triton kernels dequantize
 its tiles in registers; the native C++ ops take dense weights only, so under the native backend it
@@ -35,11 +35,12 @@ BACKENDS = ("triton", "native", "reference")
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of the three operations (signatures in the module docstring)."""
+
     name: str
     noise: Callable[..., torch.Tensor]
     row_norms: Callable[..., torch.Tensor]
     perturbed_matmul: Callable[..., torch.Tensor]
-    slab_matmul: Callable[..., torch.Tensor]
 
 
 def _interpreter_requested() -> bool:
@@ -61,18 +62,15 @@ def _triton_backend() -> Backend:
     from .triton_ops.noise import generate_noise_triton
     from .triton_ops.perturbed_matmul import perturbed_matmul_triton
     from .triton_ops.row_norms import merged_row_norms_triton
-    from .triton_ops.slab import slab_perturbed_matmul
 
-    return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton,
-                   slab_perturbed_matmul)
+    return Backend("triton", generate_noise_triton, merged_row_norms_triton, perturbed_matmul_triton)
 
 
 @functools.lru_cache(maxsize=None)
 def _native_backend() -> Backend:
     from .native import generate_noise_native, merged_row_norms_native, perturbed_matmul_native
 
-    return Backend("native", generate_noise_native, merged_row_norms_native, perturbed_matmul_native,
-                   perturbed_matmul_native)
+    return Backend("native", generate_noise_native, merged_row_norms_native, perturbed_matmul_native)
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,12 +78,11 @@ def _native_4bit_backend() -> Backend:
     """The native backend for a 4-bit base: the reference's row blocks, each block's noise from C++."""
     from .native import generate_noise_native
 
-    row_blocks = functools.partial(reference.perturbed_matmul, noise=generate_noise_native)
-    return Backend("native", generate_noise_native, reference.merged_row_norms, row_blocks, row_blocks)
+    return Backend("native", generate_noise_native, reference.merged_row_norms,
+                   functools.partial(reference.perturbed_matmul, noise=generate_noise_native))
 
 
-_REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, reference.perturbed_matmul,
-                     reference.perturbed_matmul)
+_REFERENCE = Backend("reference", reference_noise, reference.merged_row_norms, reference.perturbed_matmul)
 
 
 def backend_name(device: torch.device | str) -> str:

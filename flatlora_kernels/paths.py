@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from .backends import backend_name
+from .matmul_call import PATHS
 
-PATHS = ("auto", "fused", "slab")
 PATH_ENV = "FLATLORA_PATH"
 TABLE_FILE = Path(__file__).resolve().parent / "triton_ops" / "path_table.json"
 TABLE_SCHEMA = "flatlora-path-table/1"
@@ -101,6 +101,12 @@ def path_name(device: torch.device | str, tokens: int, out_features: int, in_fea
             raise ValueError(f"path 'fused' needs the Triton backend; the {backend} backend on {device.type} has "
                              "only the slab form (see flatlora_kernels.paths)")
         return "slab"
+    return triton_path(device, tokens, out_features, in_features, dtype, path)
+
+
+def triton_path(device: torch.device | str, tokens: int, out_features: int, in_features: int, dtype: torch.dtype,
+                path: str) -> str:
+    """The Triton backend's path for a call asked to take ``path``: "auto" resolved by the table."""
     if path != "auto":
         return path
     from .triton_ops.slab import slab_extent

@@ -95,56 +95,59 @@ def test_native_cuda_noise_equals_what_the_triton_forward_regenerates(monkeypatc
 def test_every_fused_variant_passes_its_guard_check():
     """Each configuration a GPU launches, both directions, dense W in every dtype and a 4-bit bf16 W, checked
     against the slab path by the guard as a first use would be (FLATLORA_FUSED_CHECK=error raises on a miss)."""
-    from flatlora_kernels.triton_ops import fused_guard
-    from flatlora_kernels.triton_ops.perturbed_matmul import MATMUL_CONFIGS, perturbed_matmul_triton
-
+    from flatlora_kernels.matmul_call import PerturbedMatmul
     from flatlora_kernels.quant4bit import PackedWeight4bit
+    from flatlora_kernels.testing import checking_fused_guard, forced_matmul_config
+    from flatlora_kernels.triton_ops.launch_settings import MATMUL_CONFIGS
+    from flatlora_kernels.triton_ops.perturbed_matmul import perturbed_matmul_triton
 
     codes = torch.randint(0, 256, (200 * 256 // 2,), dtype=torch.uint8, device="cuda")
     packed_weight = PackedWeight4bit(codes, torch.rand(200 * 256 // 64, device="cuda") + 0.5,
                                      torch.linspace(-1, 1, 16, device="cuda"), 64, (200, 256), torch.bfloat16)
     cases = [(dtype, torch.randn(200, 256, device="cuda").to(dtype))
              for dtype in (torch.float32, torch.bfloat16, torch.float16)] + [(torch.bfloat16, packed_weight)]
-    with fused_guard.checking_for_tests(devices=()) as verdicts:
+    expected = 0
+    with checking_fused_guard(devices=()) as verdicts:
         for dtype, weight in cases:
-            packed = isinstance(weight, PackedWeight4bit)
-            for name, _ in MATMUL_CONFIGS.distinct(dtype, weight_4bit=packed):
+            configs = MATMUL_CONFIGS.distinct(dtype, weight_4bit=isinstance(weight, PackedWeight4bit))
+            expected += 2 * len(configs)
+            for name, _ in configs:
                 for forward in (True, False):
-                    a = torch.randn(70, 256 if forward else 200, device="cuda").to(dtype)
                     out_columns = 200 if forward else 256
-                    with MATMUL_CONFIGS.force(name):
-                        perturbed_matmul_triton(
-                            a, weight, transpose_weight=forward, seed=5, row_std=torch.rand(200, device="cuda"),
-                            bias=torch.randn(200, device="cuda").to(dtype) if forward else None,
-                            lora_left=torch.randn(70, 8, device="cuda"), lora_right=torch.randn(8, out_columns, device="cuda"),
-                            scaling=0.5, keep=None if forward else torch.rand(70, out_columns, device="cuda") > 0.2,
-                            keep_scale=1.25, out_dtype=dtype)
-        assert verdicts and all(verdicts.values()), verdicts
-        expected = sum(2 * len(MATMUL_CONFIGS.distinct(d, weight_4bit=isinstance(w, PackedWeight4bit))) for d, w in cases)
-        assert len(verdicts) == expected
+                    call = PerturbedMatmul(
+                        torch.randn(70, 256 if forward else 200, device="cuda").to(dtype), weight,
+                        transpose_weight=forward, seed=5, row_std=torch.rand(200, device="cuda"), out_dtype=dtype,
+                        bias=torch.randn(200, device="cuda").to(dtype) if forward else None,
+                        lora_hidden=torch.randn(70, 8, device="cuda"),
+                        lora_out_factor=torch.randn(8, out_columns, device="cuda"), scaling=0.5,
+                        dropout_keep=None if forward else torch.rand(70, out_columns, device="cuda") > 0.2,
+                        keep_scale=1.25, path="fused")
+                    with forced_matmul_config(name):
+                        perturbed_matmul_triton(call)
+        assert len(verdicts) == expected and all(verdicts.values()), verdicts
 
 
 def test_slab_path_memory_stays_within_its_bound():
     """Forward and dX of a 4096 -> 11008 bf16 layer at 4096 tokens: what the slab path allocates beyond
     its output (after a warm-up, so cuBLAS's workspace already exists) stays within the slab and one
     float32 epilogue block, while the perturbed weight would be 86 MiB."""
+    from flatlora_kernels.matmul_call import PerturbedMatmul
     from flatlora_kernels.triton_ops.slab import slab_bytes, slab_perturbed_matmul
 
     n, m, tokens = 4096, 11008, 4096
     weight = (torch.randn(m, n, device="cuda") * 0.02).to(torch.bfloat16)
-    row_std = torch.full((m,), 0.01, device="cuda")
     for forward in (True, False):
-        a = torch.randn(tokens, n if forward else m, device="cuda").to(torch.bfloat16)
-        out = torch.empty(tokens, m if forward else n, device="cuda", dtype=torch.bfloat16)
-        kwargs = dict(transpose_weight=forward, seed=1, row_std=row_std, bias=None,
-                      lora_left=torch.randn(tokens, 8, device="cuda"),
-                      lora_right=torch.randn(8, m if forward else n, device="cuda"), scaling=0.5,
-                      keep=None, keep_scale=1.0, out_dtype=torch.bfloat16, out=out)
-        slab_perturbed_matmul(a, weight, **kwargs)
+        call = PerturbedMatmul(
+            torch.randn(tokens, n if forward else m, device="cuda").to(torch.bfloat16), weight,
+            transpose_weight=forward, seed=1, row_std=torch.full((m,), 0.01, device="cuda"), out_dtype=torch.bfloat16,
+            lora_hidden=torch.randn(tokens, 8, device="cuda"),
+            lora_out_factor=torch.randn(8, m if forward else n, device="cuda"), scaling=0.5, path="slab")
+        out = torch.empty(call.out_shape, device="cuda", dtype=torch.bfloat16)
+        slab_perturbed_matmul(call, out=out)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        slab_perturbed_matmul(a, weight, **kwargs)
+        slab_perturbed_matmul(call, out=out)
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - before
         assert extra <= 2 * slab_bytes() + 2**20, (forward, extra / 2**20)

@@ -6,6 +6,7 @@ workspace bound holds by counting what the path allocates, that ``auto`` follows
 and that the guard stops, warns or stays out of the way as ``FLATLORA_FUSED_CHECK`` says.
 """
 
+import dataclasses
 import json
 import weakref
 
@@ -17,10 +18,12 @@ from torch.utils._pytree import tree_flatten
 import flatlora_kernels as fk
 from flatlora_kernels import paths, reference
 from flatlora_kernels.backends import BACKEND_ENV, _unavailable_reason
+from flatlora_kernels.matmul_call import PerturbedMatmul
 from flatlora_kernels.quant4bit import PackedWeight4bit
+from flatlora_kernels.testing import checking_fused_guard
 
-from .helpers import REL_TOL, assert_close_rel, float64_flat_lora, rel_err
-from .test_flat_lora_linear import DTYPES, SHAPES, make_inputs, run_both
+from .helpers import (DTYPES, REL_TOL, SHAPES, assert_close_rel, float64_flat_lora, make_inputs, packed_weight,
+                      peft_lora_layer, rel_err, run_both)
 
 pytestmark = pytest.mark.skipif(_unavailable_reason("triton", torch.device("cpu")) is not None,
                                 reason="the Triton interpreter is not available")
@@ -120,16 +123,18 @@ def test_slab_path_leaves_w_alone_and_saves_nothing_weight_sized(triton_path):
     assert torch.equal(weight, before) and weight._version == version
 
 
-def _operands(m, n, tokens, dtype, forward, r=3, seed=0):
+def _call(weight, tokens, dtype, forward, r=3, seed=0, path="auto"):
+    """One direction of the layer on ``weight`` with fresh operands: bias forward, dropout mask for dX."""
     g = torch.Generator().manual_seed(seed)
+    m, n = weight.shape
     out_columns = m if forward else n
-    return dict(
-        a=torch.randn(tokens, n if forward else m, generator=g).to(dtype),
-        kwargs=dict(transpose_weight=forward, seed=2**63 + 77, row_std=0.2 * torch.rand(m, generator=g) + 0.05,
-                    bias=torch.randn(m, generator=g).to(dtype) if forward else None,
-                    lora_left=torch.randn(tokens, r, generator=g) / 4, lora_right=torch.randn(r, out_columns, generator=g),
-                    scaling=0.7, keep=None if forward else torch.rand(tokens, out_columns, generator=g) >= 0.3,
-                    keep_scale=1.0 if forward else 1 / 0.7, out_dtype=dtype, noise_offset=(2, 4)))
+    return PerturbedMatmul(
+        torch.randn(tokens, n if forward else m, generator=g).to(dtype), weight, transpose_weight=forward,
+        seed=2**63 + 77, row_std=0.2 * torch.rand(m, generator=g) + 0.05, out_dtype=dtype,
+        bias=torch.randn(m, generator=g).to(dtype) if forward else None,
+        lora_hidden=torch.randn(tokens, r, generator=g) / 4, lora_out_factor=torch.randn(r, out_columns, generator=g),
+        scaling=0.7, dropout_keep=None if forward else torch.rand(tokens, out_columns, generator=g) >= 0.3,
+        keep_scale=1.0 if forward else 1 / 0.7, path=path, noise_offset=(2, 4))
 
 
 # The slab path rounds the GEMM's result to the compute dtype before adding the LoRA term in float32
@@ -142,12 +147,11 @@ ULPS = {torch.float32: 2.0**-19, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6
 def test_slab_function_into_a_poisoned_output_equals_the_reference(dtype, forward, monkeypatch):
     monkeypatch.setenv(slab.SLAB_BYTES_ENV, str(SMALL_SLAB))
     m, n = 45, 70
-    weight = torch.randn(m, n).to(dtype)
-    ops = _operands(m, n, 19, dtype, forward)
+    call = _call(torch.randn(m, n).to(dtype), 19, dtype, forward)
     out = torch.full((19, m if forward else n), float("nan"), dtype=dtype)
-    ours = slab.slab_perturbed_matmul(ops["a"], weight, out=out, **ops["kwargs"])
+    ours = slab.slab_perturbed_matmul(call, out=out)
     assert ours.data_ptr() == out.data_ptr() and torch.isfinite(ours).all()
-    ref = reference.perturbed_matmul(ops["a"], weight, **ops["kwargs"])
+    ref = reference.perturbed_matmul(call)
     assert rel_err(ours, ref) <= ULPS[dtype], rel_err(ours, ref)
 
 
@@ -157,16 +161,13 @@ def test_slab_path_over_a_4bit_base(n, quant_type, dtype, monkeypatch):
     """45 x 77: blocks straddle rows; 45 x 256: rows of whole blocks. Against the reference on the
     dequantized weight; the packed buffers stay as they were."""
     pytest.importorskip("bitsandbytes")
-    from .test_quant4bit_triton import packed_weight
-
     monkeypatch.setenv(slab.SLAB_BYTES_ENV, str(SMALL_SLAB))
-    m = 45
-    weight = packed_weight(m, n, quant_type=quant_type, blocksize=64, dtype=dtype)
+    weight = packed_weight(45, n, quant_type=quant_type, blocksize=64, dtype=dtype)
     before = [t.clone() for t in (weight.packed, weight.absmax)]
     for forward in (True, False):
-        ops = _operands(m, n, 13, dtype, forward)
-        ours = slab.slab_perturbed_matmul(ops["a"], weight, **ops["kwargs"])
-        ref = reference.perturbed_matmul(ops["a"], weight.dequantize(), **ops["kwargs"])
+        call = _call(weight, 13, dtype, forward)
+        ours = slab.slab_perturbed_matmul(call)
+        ref = reference.perturbed_matmul(dataclasses.replace(call, weight=weight.dequantize()))
         assert rel_err(ours, ref) <= ULPS[dtype], (forward, rel_err(ours, ref))
     assert torch.equal(weight.packed, before[0]) and torch.equal(weight.absmax, before[1])
 
@@ -230,23 +231,21 @@ def test_the_slab_bound_holds(forward, dtype, monkeypatch):
             return launch
 
     monkeypatch.setattr(slab, "_perturbed_slab_kernel", Unwatched())
-    ops = _operands(m, n, tokens, torch.float32, forward)
-    weight = torch.randn(m, n).to(dtype)
+    call = dataclasses.replace(_call(torch.randn(m, n).to(dtype), tokens, torch.float32, forward), out_dtype=dtype)
     out = torch.empty(tokens, m if forward else n, dtype=dtype)
     with AllocationCounter() as counter:
-        slab.slab_perturbed_matmul(ops["a"], weight, out=out, **{**ops["kwargs"], "out_dtype": dtype})
-    cast_input = ops["a"].numel() * dtype.itemsize if dtype != torch.float32 else 0
+        slab.slab_perturbed_matmul(call, out=out)
+    cast_input = call.a.numel() * dtype.itemsize if dtype != torch.float32 else 0
     assert counter.peak > 0
     assert counter.peak - cast_input <= 2 * bound + 4096, (counter.peak, cast_input)
 
 
 def test_a_slab_that_cannot_fit_is_refused_clearly(monkeypatch):
     monkeypatch.setenv(slab.SLAB_BYTES_ENV, "100")
-    x, weight, bias, lora_A, lora_B, row_std = make_inputs("cpu", (4,), 40, 30, 2, torch.float32, torch.float32)
+    call = PerturbedMatmul(torch.randn(4, 40), torch.randn(30, 40), transpose_weight=True, seed=0,
+                           row_std=torch.ones(30), out_dtype=torch.float32)
     with pytest.raises(ValueError, match="FLATLORA_SLAB_BYTES=100 cannot hold one slab of a 30 x 40 weight"):
-        slab.slab_perturbed_matmul(x.detach(), weight, transpose_weight=True, seed=0, row_std=row_std, bias=None,
-                                   lora_left=None, lora_right=None, scaling=1.0, keep=None, keep_scale=1.0,
-                                   out_dtype=torch.float32)
+        slab.slab_perturbed_matmul(call)
     monkeypatch.setenv(slab.SLAB_BYTES_ENV, "lots")
     with pytest.raises(ValueError, match="FLATLORA_SLAB_BYTES='lots' is not a positive number of bytes"):
         slab.slab_bytes()
@@ -306,11 +305,9 @@ def test_calls_run_the_path_path_name_names(monkeypatch):
 
 
 def test_the_layer_takes_its_path(monkeypatch):
-    from .test_flat_lora_linear import _peft_layer
-
     monkeypatch.setenv(BACKEND_ENV, "triton")
     x, weight, bias, lora_A, lora_B, _ = make_inputs("cpu", (6,), 20, 12, 2, torch.float32, torch.float32)
-    layer = fk.FlatLoraLinear.from_lora_linear(_peft_layer(weight, bias, lora_A.detach(), lora_B.detach(), 4),
+    layer = fk.FlatLoraLinear.from_lora_linear(peft_lora_layer(weight, bias, lora_A.detach(), lora_B.detach(), 4),
                                                path="slab")
     assert layer.path == "slab"
     layer.base_layer.weight.requires_grad_(False)  # frozen, as PEFT leaves it
@@ -333,10 +330,9 @@ def test_native_and_reference_backends_have_the_slab_form_only(monkeypatch):
 
 def _guarded_call(forward=True, dtype=torch.float32):
     """A fused launch through the guard, on odd shapes, and the slab path's result for it."""
-    ops = _operands(30, 41, 11, dtype, forward, seed=4)
     weight = torch.randn(30, 41, generator=torch.Generator().manual_seed(5)).to(dtype)
-    return (fused.perturbed_matmul_triton(ops["a"], weight, **ops["kwargs"]),
-            slab.slab_perturbed_matmul(ops["a"], weight, **ops["kwargs"]))
+    call = _call(weight, 11, dtype, forward, seed=4, path="fused")
+    return fused.perturbed_matmul_triton(call), slab.slab_perturbed_matmul(call)
 
 
 def shift(t):
@@ -348,7 +344,7 @@ def test_the_guard_checks_each_variant_once_and_passes_good_kernels(monkeypatch)
     checks = []
     real = fused_guard._check
     monkeypatch.setattr(fused_guard, "_check", lambda *a: checks.append(a[0]) or real(*a))
-    with fused_guard.checking_for_tests() as verdicts:
+    with checking_fused_guard() as verdicts:
         for _ in range(2):
             ours, slab_result = _guarded_call()
         _guarded_call(forward=False)
@@ -361,7 +357,7 @@ def test_the_guard_checks_each_variant_once_and_passes_good_kernels(monkeypatch)
 
 def test_the_guard_stops_a_kernel_that_disagrees(monkeypatch):
     monkeypatch.setenv(fused_guard.CHECK_ENV, "error")
-    with fused_guard.checking_for_tests(corrupt=shift):
+    with checking_fused_guard(corrupt=shift):
         with pytest.raises(RuntimeError) as info:
             _guarded_call(dtype=torch.bfloat16)
     message = str(info.value)
@@ -374,7 +370,7 @@ def test_the_guard_in_warn_mode_falls_back_to_the_slab_path(monkeypatch):
     monkeypatch.setenv(fused_guard.CHECK_ENV, "warn")
     launches = []
     real = fused.launch_fused
-    with fused_guard.checking_for_tests(corrupt=shift) as verdicts:
+    with checking_fused_guard(corrupt=shift) as verdicts:
         with pytest.warns(RuntimeWarning, match="Its calls take the slab path from now on"):
             ours, slab_result = _guarded_call()
         monkeypatch.setattr(fused, "launch_fused", lambda *a, **k: launches.append(1) or real(*a, **k))
@@ -386,26 +382,23 @@ def test_the_guard_in_warn_mode_falls_back_to_the_slab_path(monkeypatch):
 
 def test_the_guard_can_be_switched_off(monkeypatch):
     monkeypatch.setenv(fused_guard.CHECK_ENV, "off")
-    with fused_guard.checking_for_tests(corrupt=shift) as verdicts:
+    with checking_fused_guard(corrupt=shift) as verdicts:
         _guarded_call()
         assert verdicts == {}
     monkeypatch.setenv(fused_guard.CHECK_ENV, "maybe")
-    with fused_guard.checking_for_tests(), pytest.raises(ValueError, match="FLATLORA_FUSED_CHECK='maybe'"):
+    with checking_fused_guard(), pytest.raises(ValueError, match="FLATLORA_FUSED_CHECK='maybe'"):
         _guarded_call()
 
 
 def test_the_guard_checks_4bit_variants_with_a_4bit_problem(monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from .test_quant4bit_triton import packed_weight
-
     monkeypatch.setenv(fused_guard.CHECK_ENV, "error")
     weight = packed_weight(29, 128, quant_type="nf4", blocksize=64, dtype=torch.bfloat16)
-    ops = _operands(29, 128, 9, torch.bfloat16, False, seed=2)
     seen = []
     real = fused_guard._check_weight
     monkeypatch.setattr(fused_guard, "_check_weight", lambda *a: seen.append(real(*a)) or seen[-1])
-    with fused_guard.checking_for_tests() as verdicts:
-        fused.perturbed_matmul_triton(ops["a"], weight, **ops["kwargs"])
+    with checking_fused_guard() as verdicts:
+        fused.perturbed_matmul_triton(_call(weight, 9, torch.bfloat16, False, seed=2, path="fused"))
         assert list(verdicts.values()) == [True]
     (check_weight,) = seen
     assert isinstance(check_weight, PackedWeight4bit) and check_weight.shape[1] % 64 == 0

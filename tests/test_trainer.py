@@ -1,34 +1,11 @@
 """FlatLoraCallback with transformers.Trainer: gradient accumulation, the schedule, resume."""
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from flatlora_kernels import FlatLoraCallback
 
-from .models import VOCAB, peft_family
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n=48, length=9):
-        gen = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, VOCAB, (n, length), generator=gen)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-class StopAfter(TrainerCallback):
-    """Interrupt a run after a given optimizer step (its checkpoint is saved first)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
+from .helpers import TokenData, interrupt_after, peft_family
 
 
 def train(output_dir, max_steps, resume=None, sigma=0.1, callback=True, stop_after=None):
@@ -38,7 +15,7 @@ def train(output_dir, max_steps, resume=None, sigma=0.1, callback=True, stop_aft
                              logging_steps=100, report_to=[], use_cpu=True, seed=0, data_seed=0,
                              dataloader_num_workers=0, disable_tqdm=True)
     callbacks = [FlatLoraCallback(sigma=sigma, seed=7)] if callback else []
-    stop = [StopAfter(stop_after)] if stop_after else []
+    stop = [interrupt_after(stop_after)] if stop_after else []
     trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=callbacks + stop)
     trainer.train(resume_from_checkpoint=resume)
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -34,17 +34,16 @@ import triton
 import triton.language as tl
 
 from .. import noise as contract
+from ..matmul_call import PerturbedMatmul
 from ..quant4bit import PackedWeight4bit
-from .common import INTERPRETER, cast_needs_manual_rounding, cdiv, round_to
+from .common import cast_needs_manual_rounding, cdiv, round_to
+from .launch_settings import SLAB_BLOCK, launch_options
 from .noise import gaussian_tile
 from .perturbed_matmul import fast_noise
 from .quant4bit import load_weight_tile, weight_operands
 
 SLAB_BYTES_ENV = "FLATLORA_SLAB_BYTES"
 DEFAULT_SLAB_BYTES = 16 * 2**20  # resident in a Hopper L2 (50 MB) while cuBLAS reads it
-# One program writes a BLOCK_ROWS x BLOCK_COLS tile of the slab. Column slabs start at multiples of
-# BLOCK_COLS: a 4-bit tile must (see load_weight_tile), and 32 divides every 4-bit block size in use.
-SLAB_BLOCK = dict(BLOCK_ROWS=64, BLOCK_COLS=32, num_warps=4)
 
 
 def slab_bytes() -> int:
@@ -132,58 +131,53 @@ def write_perturbed_slab(weight: torch.Tensor | PackedWeight4bit, seed: int, row
     seed_lo, seed_hi = contract.split_seed(seed)
     w, stride_wi, stride_wj, weight_kwargs = weight_operands(weight)
     row_std = row_std.contiguous() if row_std is not None else None
-    blocks = {k: v for k, v in SLAB_BLOCK.items() if k != "num_warps"}
+    blocks, options = launch_options(SLAB_BLOCK)
     grid = (cdiv(r1 - r0, blocks["BLOCK_ROWS"]), cdiv(c1 - c0, blocks["BLOCK_COLS"]))
     _perturbed_slab_kernel[grid](
         w, row_std if row_std is not None else out, out, m, n, r0, c0, r1 - r0, c1 - c0,
         stride_wi, stride_wj, out.stride(0), seed_lo, seed_hi, *noise_offset, **weight_kwargs,
         HAS_NOISE=row_std is not None, MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(out.dtype),
-        FAST_NOISE=fast_noise(out.dtype), NOISE_COLS_ALIGNED=noise_offset[1] % 4 == 0, **blocks,
-        num_warps=SLAB_BLOCK["num_warps"])
+        FAST_NOISE=fast_noise(out.dtype), NOISE_COLS_ALIGNED=noise_offset[1] % 4 == 0, **blocks, **options)
     return out
 
 
-def slab_perturbed_matmul(
-    a: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, *, transpose_weight: bool, seed: int,
-    row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
-    lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
-    out_dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0), out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The perturbed matmul by slabs (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`,
+def slab_perturbed_matmul(call: PerturbedMatmul, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``call`` by slabs, into ``out`` when given (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`,
     with the bias and LoRA term added as the module docstring says)."""
-    m, n = weight.shape
-    tokens = a.shape[0]
-    out_columns = m if transpose_weight else n
+    m, n = call.weight.shape
+    forward, dtype = call.transpose_weight, call.out_dtype
+    tokens, out_columns = call.out_shape
     if out is None:
-        out = torch.empty(tokens, out_columns, dtype=out_dtype, device=a.device)
+        out = torch.empty(tokens, out_columns, dtype=dtype, device=call.a.device)
     if tokens == 0 or out_columns == 0:
         return out
-    extent = slab_extent(m, n, out_dtype, transpose_weight)
+    extent = slab_extent(m, n, dtype, forward)
     if extent is None:
-        raise ValueError(f"{SLAB_BYTES_ENV}={slab_bytes()} cannot hold one slab of a {m} x {n} weight in "
-                         f"{out_dtype} ({'one row' if transpose_weight else str(SLAB_BLOCK['BLOCK_COLS']) + ' columns'}); "
-                         "raise it or take the fused path (path='fused')")
-    a = a.to(out_dtype)
-    workspace = torch.empty(extent * (n if transpose_weight else m), dtype=out_dtype, device=a.device)
-    epilogue_bias = None if bias is None else bias.to(out_dtype if lora_left is None else torch.float32)
+        smallest = "one row" if forward else f"{SLAB_BLOCK['BLOCK_COLS']} columns"
+        raise ValueError(f"{SLAB_BYTES_ENV}={slab_bytes()} cannot hold one slab of a {m} x {n} weight in {dtype} "
+                         f"({smallest}); raise it or take the fused path (path='fused')")
+    a = call.a.to(dtype)
+    workspace = torch.empty(extent * (n if forward else m), dtype=dtype, device=a.device)
+    has_lora = call.lora_hidden is not None
+    bias = None if call.bias is None else call.bias.to(torch.float32 if has_lora else dtype)
     for start in range(0, out_columns, extent):
         stop = min(out_columns, start + extent)
-        if transpose_weight:
-            slab = write_perturbed_slab(weight, seed, row_std, (start, stop), (0, n),
-                                        workspace[:(stop - start) * n].view(stop - start, n), noise_offset)
+        if forward:
+            slab = write_perturbed_slab(call.weight, call.seed, call.row_std, (start, stop), (0, n),
+                                        workspace[:(stop - start) * n].view(stop - start, n), call.noise_offset)
             operand = slab.t()
         else:
-            operand = write_perturbed_slab(weight, seed, row_std, (0, m), (start, stop),
-                                           workspace[:m * (stop - start)].view(m, stop - start), noise_offset)
+            operand = write_perturbed_slab(call.weight, call.seed, call.row_std, (0, m), (start, stop),
+                                           workspace[:m * (stop - start)].view(m, stop - start), call.noise_offset)
         segment = out[:, start:stop]
-        if lora_left is None and epilogue_bias is not None:
-            torch.addmm(epilogue_bias[start:stop], a, operand, out=segment)
+        if not has_lora and bias is not None:
+            torch.addmm(bias[start:stop], a, operand, out=segment)
         else:
             torch.mm(a, operand, out=segment)
-        if lora_left is not None:
-            _add_lora_term(segment, lora_left, lora_right[:, start:stop], scaling,
-                           None if keep is None else keep[:, start:stop], keep_scale,
-                           None if epilogue_bias is None else epilogue_bias[start:stop])
+        if has_lora:
+            _add_lora_term(segment, call.lora_hidden, call.lora_out_factor[:, start:stop], call.scaling,
+                           None if call.dropout_keep is None else call.dropout_keep[:, start:stop], call.keep_scale,
+                           None if bias is None else bias[start:stop])
     return out
 
 
