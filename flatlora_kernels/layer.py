@@ -8,7 +8,7 @@ import math
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from . import checks
+from . import checks, nonfinite
 from .distributed import check_seed_shared_across_shards, is_dtensor, tensor_parallel_perturbed_linear
 from .functional import SUPPORTED_DTYPES, _flat_lora_linear, check_row_std, merged_row_norms
 from .noise import check_seed
@@ -143,9 +143,20 @@ class _FlatLoraNoise:
         norms = merged_row_norms(weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                  self.scaling[adapter])
         row_std = norms * (sigma / math.sqrt(weight.shape[1]))
+        if not bool(torch.isfinite(row_std).all()):
+            raise FloatingPointError(self._nonfinite_noise_cause(adapter, weight, sigma))
         check_row_std(row_std, weight)
         self.noise_seed = seed
         self.noise_row_std = row_std
+
+    def _nonfinite_noise_cause(self, adapter: str, weight, sigma: float) -> str:
+        factors = [self.lora_A[adapter].weight, self.lora_B[adapter].weight]
+        if not all(bool(torch.isfinite(f).all()) for f in factors):
+            return f"the LoRA factors of adapter {adapter!r} hold NaN/inf; {nonfinite.WEIGHT_CAUSES}"
+        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+            return "the frozen base weight holds NaN/inf (check how the model was loaded or modified)"
+        return (f"the noise std c = sigma * row norm / sqrt(in_features) overflows float32 at sigma={sigma:g}: "
+                "sigma (or the schedule's factor) is far too large")
 
     def clear_noise(self) -> None:
         """Drop the current sample: the layer is plain LoRA until the next :meth:`sample_noise`."""
