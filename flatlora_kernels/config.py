@@ -77,8 +77,9 @@ def schedule_factor(schedule: Schedule, step: int, total_steps: int | None) -> f
         except ValueError:
             factor = math.inf
         if not factor <= MAX_SCHEDULE_FACTOR:
-            raise ValueError(f"schedule (a callable) returned {value!r} at step {step}; expected the fraction of "
-                             f"sigma to use: a finite number in [0, {MAX_SCHEDULE_FACTOR:g}] (normally [0, 1])")
+            raise ValueError(f"the schedule callable (schedule=) returned {value!r} at step {step}; expected the "
+                             f"fraction of sigma to use: a finite number in [0, {MAX_SCHEDULE_FACTOR:g}] "
+                             "(normally [0, 1])")
         return factor
     if schedule == "constant":
         return 1.0

@@ -273,7 +273,8 @@ class OptimizerGuard:
         while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
             optimizer = optimizer.optimizer  # accelerate's AcceleratedOptimizer steps the torch one inside
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"guard expects a torch.optim.Optimizer, got {type(optimizer).__name__} ({optimizer!r:.80})")
+            raise TypeError(f"guard expects a torch.optim.Optimizer, got {type(optimizer).__name__} "
+                            f"({optimizer!r:.80})")
         self.controller = controller
         self.handle = optimizer.register_step_pre_hook(self._before_step)
         controller._watching = True

@@ -93,8 +93,8 @@ class BiLoRA:
             raise RuntimeError("Bi-LoRA's auxiliary pair has no gradient: run the training forward and "
                                "backward (model.train()) before ascent_step()")
         all_reduce_mean_(grads)
-        checked = {**trainable(self.model),
-                   **{f"{name}.auxiliary_{kind}": p for name, pair in self.pairs.items() for kind, p in zip("AB", pair)}}
+        auxiliary = {f"{name}.auxiliary_{kind}": p for name, pair in self.pairs.items() for kind, p in zip("AB", pair)}
+        checked = {**trainable(self.model), **auxiliary}
         if not nonfinite.guard_gradients("Bi-LoRA", self.on_nonfinite, checked, self.step_count):
             return False
         for p in params:
