@@ -239,25 +239,21 @@ class FlatLora:
         self._factor_versions = self._versions()
 
     def _restore_sample(self, sample: dict) -> None:
+        if not isinstance(sample, dict):
+            raise ValueError(f"Flat-LoRA state's sample must be a dict of layer name -> seed and row_std, "
+                             f"got {sample!r:.80}")
         self.sigma_t = self.sigma_at(self.sample_index * self.resample_every)
         for (name, layer), seed in zip(self.layers.items(), self._seeds()):
             entry = sample.get(name)
             if not isinstance(entry, dict) or entry.keys() != {"seed", "row_std"}:
                 raise ValueError(f"Flat-LoRA state's sample for {name} must be a dict with 'seed' and 'row_std', "
                                  f"got {entry!r:.80}")
-            row_std = entry["row_std"]
-            if row_std is None:
-                layer.clear_noise()
-                continue
-            weight = layer._weight_operand()
-            if not isinstance(row_std, torch.Tensor) or row_std.dtype != torch.float32 \
-                    or tuple(row_std.shape) != (weight.shape[0],) or not bool(torch.isfinite(row_std).all()):
-                raise ValueError(f"Flat-LoRA state's c for {name} must be a finite float32 tensor of shape "
-                                 f"({weight.shape[0]},), got {row_std!r:.80}")
             # the seed is a function of the config, the sample index and this rank; the saved one may be
             # another rank's, so it is derived again rather than read
-            layer.noise_seed = seed
-            layer.noise_row_std = row_std.detach().clone().to(weight.device)
+            try:
+                layer.restore_noise(seed, entry["row_std"])
+            except ValueError as exc:
+                raise ValueError(f"Flat-LoRA state's sample for {name}: {exc}") from None
 
     def __repr__(self) -> str:
         return (f"FlatLora(layers={len(self.layers)}, skipped={len(self.skipped)}, sigma={self.sigma}, "

@@ -250,7 +250,7 @@ def test_resume_rejects_malformed_states():
     state = ctl.state_dict()
     name = next(iter(state["sample"]))
     state["sample"][name]["row_std"] = state["sample"][name]["row_std"][:-1]
-    with pytest.raises(ValueError, match=f"c for {name} must be a finite float32 tensor of shape"):
+    with pytest.raises(ValueError, match=f"sample for {name}: row_std must be a float32 tensor of shape"):
         ctl.load_state_dict(state)
 
 
