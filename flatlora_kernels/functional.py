@@ -11,7 +11,7 @@ from .backends import get_backend
 from .distributed import is_dtensor, sharded_merged_row_norms
 from .matmul_call import PerturbedMatmul
 from .noise import check_seed, seed_from_int64, seed_to_int64
-from .paths import path_name
+from .paths import check_backend_has_path, requested_path
 from .quant4bit import PackedWeight4bit
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -138,7 +138,15 @@ def perturbed_matmul_op(
     call = _call_from_op_arguments(a, weight, transpose_weight, seed, row_std, out_dtype, bias, lora_hidden,
                                    lora_out_factor, scaling, dropout_keep, keep_scale, path, noise_row_offset,
                                    noise_col_offset)
-    return get_backend(a.device).perturbed_matmul(call)
+    return _run_backend(call)
+
+
+def _run_backend(call: PerturbedMatmul) -> torch.Tensor:
+    """``call`` on the backend for its device. The path ("auto" resolved per call by the table) is
+    chosen here, inside the op, so that ``torch.compile`` never traces the choice."""
+    backend = get_backend(call.a.device, call.weight)
+    check_backend_has_path(call.path, backend.name, call.a.device)
+    return backend.perturbed_matmul(call)
 
 
 def _call_from_op_arguments(a, weight, transpose_weight, seed, *fields_after_seed) -> PerturbedMatmul:
@@ -158,7 +166,7 @@ def _perturbed_matmul(call: PerturbedMatmul) -> torch.Tensor:
     """The registered op for a dense weight; a 4-bit base (a dataclass, which the op cannot take)
     calls its backend directly: the fused Triton kernel or the slab path, or the reference's row-block path."""
     if isinstance(call.weight, PackedWeight4bit):
-        return get_backend(call.a.device, call.weight).perturbed_matmul(call)
+        return _run_backend(call)
     return perturbed_matmul_op(call.a, call.weight, call.transpose_weight, seed_to_int64(call.seed), call.row_std,
                                call.out_dtype, call.bias, call.lora_hidden, call.lora_out_factor, call.scaling,
                                call.dropout_keep, call.keep_scale, call.path, *call.noise_offset)
@@ -179,7 +187,7 @@ class FlatLoraLinearFunction(torch.autograd.Function):
     kernels, else a block of rows at a time.
     Without LoRA factors (``lora_A = lora_B = None``) it is the perturbed base linear alone.
     ``noise_offset`` is where ``W`` starts in the logical weight (a tensor-parallel shard); ``path``
-    ("fused" or "slab") is the one both passes take.
+    is the one asked for ("auto", "fused" or "slab"): both passes resolve it alike (same sizes and dtype).
     """
 
     @staticmethod
@@ -308,7 +316,7 @@ def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, 
     if compute_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"autocast dtype {compute_dtype} is not supported")
     x2 = x.reshape(-1, n)
-    path = path_name(x.device, x2.shape[0], m, n, compute_dtype, path)
+    path = requested_path(path)
     with torch.autocast(x.device.type, enabled=False):
         y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, seed64, row_std,
                                          dropout_p, compute_dtype, lora_dtype, noise_offset, path)

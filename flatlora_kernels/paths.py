@@ -96,12 +96,17 @@ def path_name(device: torch.device | str, tokens: int, out_features: int, in_fea
     device = torch.device(device)
     path = requested_path(path)
     backend = backend_name(device)
+    check_backend_has_path(path, backend, device)
     if backend != "triton":
-        if path == "fused":
-            raise ValueError(f"path 'fused' needs the Triton backend; the {backend} backend on {device.type} has "
-                             "only the slab form (see flatlora_kernels.paths)")
         return "slab"
     return triton_path(device, tokens, out_features, in_features, dtype, path)
+
+
+def check_backend_has_path(path: str, backend: str, device: torch.device) -> None:
+    """A clear error when ``path`` is "fused" on a backend other than Triton (they have the slab form only)."""
+    if path == "fused" and backend != "triton":
+        raise ValueError(f"path 'fused' needs the Triton backend; the {backend} backend on {device.type} has "
+                         "only the slab form (see flatlora_kernels.paths)")
 
 
 def triton_path(device: torch.device | str, tokens: int, out_features: int, in_features: int, dtype: torch.dtype,

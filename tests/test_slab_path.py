@@ -326,6 +326,11 @@ def test_native_and_reference_backends_have_the_slab_form_only(monkeypatch):
     assert fk.path_name("cpu", 10**5, 64, 64) == "slab"
     with pytest.raises(ValueError, match="path 'fused' needs the Triton backend; the reference backend"):
         fk.path_name("cpu", 1, 64, 64, path="fused")
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs("cpu", (3,), 8, 5, 2, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="path 'fused' needs the Triton backend; the reference backend"):
+        fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, seed=1, row_std=row_std, path="fused")
+    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, seed=1, row_std=row_std, path="slab")
+    assert_close_rel(y, float64_flat_lora(x, weight, bias, lora_A, lora_B, 1.0, 1, row_std)[0], torch.float32, "y")
 
 
 def _guarded_call(forward=True, dtype=torch.float32):
