@@ -29,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 
 from . import checks
 from .config import FlatLoraConfig, resolve_config, schedule_factor
-from .layer import FlatLoraLinear, as_flat_lora, noise_unsupported_reason
+from .layer import FlatLoraLinear, as_flat_lora, check_not_merged, noise_unsupported_reason
 from .noise import layer_seed
 
 logger = logging.getLogger("flatlora_kernels")
@@ -136,6 +136,7 @@ def _split_lora_layers(peft_model: torch.nn.Module) -> tuple[dict[str, LoraLayer
         if getattr(module, "flat_lora_controlled", False):
             raise ValueError(f"apply_flat_lora was already called on this model ({name} is controlled); "
                              "keep using the FlatLora object it returned")
+        check_not_merged(module, name)
         reason = noise_unsupported_reason(module)
         if reason is None:
             layers[name] = module
@@ -152,9 +153,13 @@ def apply_flat_lora(peft_model: torch.nn.Module, config: FlatLoraConfig | None =
     Also adopts layers that are already ``FlatLoraLinear`` (from :func:`register_flat_lora`).
     Returns the controller; call its :meth:`FlatLora.step` after each optimizer step.
 
-    LoRA layers that Flat-LoRA cannot perturb (``Embedding``/``Conv`` LoRA, 8-bit and other quantized
-    bases, DoRA and other variants, ``lora_bias``, subclasses of PEFT's ``Linear``) would train without noise: they are listed in the controller's
-    ``skipped`` and ``repr``, logged, and named in a warning; with ``strict=True`` they are an error.
+    Adopted: PEFT's ``lora.Linear`` with vanilla LoRA, ``lora_bias`` or DoRA adapters, AdaLoRA's
+    ``SVDLinear`` (as ``FlatSVDLinear``), and each of them as the ``FSDP<Cls>`` class FSDP2's
+    ``fully_shard`` makes when applied to the layer itself. LoRA layers that Flat-LoRA cannot perturb
+    (``Embedding``/``Conv`` LoRA, 8-bit and other quantized bases, other variants, subclasses of PEFT's
+    ``Linear``) would train without noise: they are listed in the controller's ``skipped`` and ``repr``,
+    logged, and named in a warning; with ``strict=True`` they are an error. A model with a merged
+    adapter (``merge_adapter()``) is refused: unmerge it first.
 
     Args:
         config: a :class:`FlatLoraConfig`; or give its fields as keyword arguments
@@ -170,9 +175,13 @@ def apply_flat_lora(peft_model: torch.nn.Module, config: FlatLoraConfig | None =
         raise ValueError("strict=True: these LoRA layers cannot be trained with Flat-LoRA noise:\n"
                          + "\n".join(f"  {name}: {reason}" for name, reason in skipped.items()))
     if not layers:
-        found = f" (it has {len(skipped)} LoRA layers Flat-LoRA cannot drive: {sorted(skipped)})" if skipped else ""
-        raise ValueError("the model has no PEFT LoRA Linear layers" + found + ": wrap it with peft.get_peft_model "
-                         "(or load an adapter with PeftModel.from_pretrained) first")
+        if skipped:
+            raise ValueError(f"none of the model's {len(skipped)} LoRA layers can be trained with Flat-LoRA noise:"
+                             + _skipped_lines(skipped) + "\nFlat-LoRA drives PEFT LoRA Linear layers (vanilla LoRA, "
+                             "lora_bias, DoRA) and AdaLoRA SVDLinear layers over dense float or 4-bit bases: target "
+                             "Linear modules, or train these layers without Flat-LoRA")
+        raise ValueError("the model has no PEFT LoRA layers: wrap it with peft.get_peft_model "
+                         "(or load an adapter with PeftModel.from_pretrained(..., is_trainable=True)) first")
     config.require_total_steps()  # before any layer changes class
     layers = {name: as_flat_lora(module) for name, module in layers.items()}
     controller = FlatLora(layers, config, skipped)
