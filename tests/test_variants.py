@@ -6,6 +6,8 @@ import torch
 
 import flatlora_kernels as fk
 
+from .helpers import assert_close_rel, rel_err
+
 
 @pytest.mark.parametrize("noise_offset", [(0, 0), (5, 3)])
 def test_perturbed_merged_row_norms_equal_float64(device_backend, noise_offset):
@@ -35,3 +37,171 @@ def test_perturbed_merged_row_norms_check_their_arguments():
         fk.merged_row_norms(weight, lora_A, lora_B, 1.0, seed=None, row_std=torch.ones(6))
     with pytest.raises(ValueError, match="row_std must hold finite values"):
         fk.merged_row_norms(weight, lora_A, lora_B, 1.0, seed=1, row_std=torch.full((6,), float("nan")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Variants against PEFT itself run on an explicitly perturbed float64 copy
+# ----------------------------------------------------------------------------------------------------------
+
+class MLP(torch.nn.Module):
+    """Odd sizes; biases on both layers (lora_bias needs them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(29, 37)
+        self.down = torch.nn.Linear(37, 23)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _variant_config(kind):
+    from peft import AdaLoraConfig, LoraConfig
+
+    common = dict(target_modules=["up", "down"])
+    if kind == "adalora":
+        return AdaLoraConfig(init_r=5, target_r=2, lora_alpha=6, tinit=1, tfinal=1, deltaT=1, total_step=6,
+                             **common)
+    options = {"dora": dict(use_dora=True), "dora-dropout": dict(use_dora=True, lora_dropout=0.3),
+               "lora_bias": dict(lora_bias=True), "lora": {}}[kind]
+    return LoraConfig(r=3, lora_alpha=6, **common, **options)
+
+
+def variant_model(kind, seed=0):
+    """A PEFT model of ``kind`` whose adapters are all non-trivial (B, E, the DoRA magnitude moved off their
+    initial values, so the update and the magnitude both matter)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(MLP(), _variant_config(kind))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_E" in name:  # lora_B's weight, and its bias under lora_bias
+                p.normal_(std=0.3)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    return model
+
+
+class _FixedDropout(torch.nn.Module):
+    """Dropout with a mask recorded from another run."""
+
+    def __init__(self, mask, p):
+        super().__init__()
+        self.mask, self.scale = mask, 1.0 / (1.0 - p)
+
+    def forward(self, x):
+        return x * self.mask.to(x.dtype) * self.scale
+
+
+def _record_dropout_masks(model):
+    masks, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            handles.append(module.register_forward_hook(
+                lambda mod, inp, out, name=name: masks.__setitem__(name, (out != 0) & (inp[0] != 0))))
+    return masks, handles
+
+
+def perturbed_float64_copy(plain, ctl, masks=None):
+    """``plain`` (the PEFT model before Flat-LoRA) in float64 with ``c·Z`` added into each adopted layer's
+    frozen weight, and the dropout masks the Flat-LoRA run drew: PEFT's own forward is the oracle."""
+    import copy
+
+    oracle = copy.deepcopy(plain).double()
+    with torch.no_grad():
+        for name, layer in ctl.layers.items():
+            target = oracle.get_submodule(name).get_base_layer().weight
+            m, n = layer.logical_weight().shape if hasattr(layer, "logical_weight") else target.shape
+            eps = layer.noise_row_std.double()[:, None] * fk.generate_noise(layer.noise_seed, m, n).double()
+            target += eps.t() if layer.fan_in_fan_out else eps
+    for name, mask in (masks or {}).items():
+        parent, _, child = name.rpartition(".")
+        module = oracle.get_submodule(name)
+        oracle.get_submodule(parent)._modules[child] = _FixedDropout(mask, module.p)
+    return oracle
+
+
+def _trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["dora", "dora-dropout", "lora_bias", "adalora"])
+def test_variant_forward_and_gradients_equal_peft_on_a_perturbed_float64_copy(kind):
+    import copy
+
+    model = variant_model(kind)
+    plain = copy.deepcopy(model)
+    ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=11, strict=True)
+    assert sorted(ctl.layers) == ["base_model.model.down", "base_model.model.up"]
+    expected_class = fk.layer.FlatSVDLinear if kind == "adalora" else fk.FlatLoraLinear
+    assert all(type(layer) is expected_class and layer.noise_active for layer in ctl.layers.values())
+    model.train()
+    masks, handles = _record_dropout_masks(model)
+    x = torch.randn(4, 3, 29, requires_grad=True)
+    y = model(x)
+    for handle in handles:
+        handle.remove()
+    assert bool(masks) == (kind == "dora-dropout")
+    oracle = perturbed_float64_copy(plain, ctl, masks).train()
+    x64 = x.detach().double().requires_grad_()
+    y64 = oracle(x64)
+    assert_close_rel(y, y64, torch.float32, f"{kind} forward")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y64.backward(dy.double())
+    assert_close_rel(x.grad, x64.grad, torch.float32, f"{kind} grad x")
+    oracle_params = _trainable(oracle)
+    params = _trainable(model)
+    assert params.keys() == oracle_params.keys() and params
+    for name, p in params.items():
+        assert_close_rel(p.grad, oracle_params[name].grad, torch.float32, f"{kind} grad {name}")
+    # the noise matters: PEFT's forward on the unperturbed weights is far from it
+    plain.train()
+    with torch.no_grad():
+        clean = plain.double()(x64) if not masks else None
+    if clean is not None:
+        assert rel_err(y, clean) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["dora", "lora_bias", "adalora"])
+def test_c_comes_from_the_weight_peft_merge_writes(kind):
+    import copy
+
+    model = variant_model(kind)
+    merged = copy.deepcopy(model)
+    merged.merge_adapter()
+    ctl = fk.apply_flat_lora(model, sigma=0.2, schedule="constant", strict=True)
+    for name, layer in ctl.layers.items():
+        weight = merged.get_submodule(name).get_base_layer().weight
+        expected = 0.2 * weight.double().norm(dim=1) / weight.shape[1] ** 0.5
+        torch.testing.assert_close(layer.noise_row_std.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["dora", "dora-dropout", "lora_bias", "adalora"])
+def test_variant_trains_leaves_frozen_weights_bitwise_and_saves_a_plain_peft_adapter(kind, tmp_path):
+    from peft import PeftModel
+
+    model = variant_model(kind)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    initial = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    ctl = fk.apply_flat_lora(model, sigma=0.1, schedule="constant", seed=3, strict=True)
+    opt = torch.optim.AdamW(_trainable(model).values(), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(6, 29)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+    moved = [n for n, p in _trainable(model).items() if not torch.equal(p, initial[n])]
+    assert moved == list(initial), set(initial) - set(moved)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(MLP(), tmp_path)  # the same base weights (seed 0), plain PEFT
+    assert not any(type(m).__name__.startswith("Flat") for m in loaded.modules())
+    x = torch.randn(5, 29)
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
