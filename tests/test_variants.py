@@ -111,6 +111,8 @@ def perturbed_float64_copy(plain, ctl, masks=None):
     oracle = copy.deepcopy(plain).double()
     with torch.no_grad():
         for name, layer in ctl.layers.items():
+            if not layer.noise_active:
+                continue
             target = oracle.get_submodule(name).get_base_layer().weight
             m, n = layer.logical_weight().shape if hasattr(layer, "logical_weight") else target.shape
             eps = layer.noise_row_std.double()[:, None] * fk.generate_noise(layer.noise_seed, m, n).double()
@@ -205,3 +207,195 @@ def test_variant_trains_leaves_frozen_weights_bitwise_and_saves_a_plain_peft_ada
     x = torch.randn(5, 29)
     model.eval()
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def _check_c_is_from_the_masked_adalora_weight(ctl, sigma):
+    for name, layer in ctl.layers.items():
+        weight = layer.get_base_layer().weight + layer.get_delta_weight("default")  # E as masked now
+        expected = sigma * weight.double().norm(dim=1) / weight.shape[1] ** 0.5
+        torch.testing.assert_close(layer.noise_row_std.double(), expected, rtol=1e-5, atol=0, msg=name)
+
+
+def _adalora_budget_reached(model):
+    kept = sum(int((m.lora_E["default"] != 0).sum()) for m in model.modules() if hasattr(m, "lora_E"))
+    config = model.peft_config["default"]
+    return kept == config.target_r * 2 and config.rank_pattern is not None
+
+
+def test_adalora_rank_allocator_runs_beside_the_controller_in_a_plain_loop():
+    model = variant_model("adalora")  # init_r 5 -> target_r 2 over total_step=6
+    ctl = fk.apply_flat_lora(model, sigma=0.1, schedule="constant", seed=3, strict=True)
+    opt = torch.optim.AdamW(_trainable(model).values(), lr=1e-2)
+    for step in range(6):
+        model(torch.randn(6, 29)).square().mean().backward()
+        opt.step()
+        model.base_model.update_and_allocate(step)  # AdaLoRA's step: needs the gradients, masks E
+        ctl.step()  # then Flat-LoRA's: the next c comes from the masked weights
+        opt.zero_grad()
+        _check_c_is_from_the_masked_adalora_weight(ctl, 0.1)
+    assert _adalora_budget_reached(model)
+
+
+def test_adalora_rank_allocator_runs_beside_the_callback_under_the_trainer(tmp_path):
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP()
+
+        def forward(self, x, labels):
+            return {"loss": (self.mlp(x) - labels).square().mean()}
+
+    class AdaLoraAllocation(TrainerCallback):
+        """AdaLoRA's own step: after optimizer.step(), while the gradients are still there, and before
+        FlatLoraCallback's on_step_end draws the next sample."""
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            model.base_model.update_and_allocate(state.global_step)
+
+    class CheckSample(TrainerCallback):
+        checked = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _check_c_is_from_the_masked_adalora_weight(flat.controller, 0.1)
+            CheckSample.checked += 1
+
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    config = _variant_config("adalora")
+    config.target_modules = ["mlp.up", "mlp.down"]
+    model = get_peft_model(Regression(), config)
+    data = [{"x": torch.randn(29), "labels": torch.randn(23)} for _ in range(12)]
+    flat = fk.FlatLoraCallback(sigma=0.1, schedule="constant", seed=3, strict=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
+                             logging_strategy="no")
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[AdaLoraAllocation(), flat, CheckSample()]).train()
+    assert CheckSample.checked == 6 and len(flat.controller.layers) == 2
+    assert _adalora_budget_reached(model)
+
+
+def test_lora_ga_is_adopted_exact_and_saves(tmp_path):
+    """LoRA-GA (PEFT's init_lora_weights="lora_ga"): like PiSSA it rewrites the base weight, so ``c`` and the
+    oracle both start from the residual base the initialisation leaves."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    torch.manual_seed(0)
+    model = MLP()
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], init_lora_weights="lora_ga",
+                        lora_ga_config=LoraGAConfig())
+    batches = [torch.randn(8, 29) for _ in range(2)]
+
+    def train_step():
+        for batch in batches:
+            model(batch).square().mean().backward()
+
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    preprocess_loraga(model, config, train_step)
+    model = get_peft_model(model, config)
+    assert not torch.equal(model.base_model.model.up.base_layer.weight, original["up.weight"])  # the residual base
+    plain = copy.deepcopy(model)
+    residual_base = copy.deepcopy(model).unload()
+    ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=2, strict=True)
+    assert len(ctl.layers) == 2 and all(layer.noise_active for layer in ctl.layers.values())
+    oracle = perturbed_float64_copy(plain, ctl).train()
+    model.train()
+    x = torch.randn(5, 29)
+    assert_close_rel(model(x), oracle(x.double()), torch.float32, "LoRA-GA forward")
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW(_trainable(model).values(), lr=1e-2)
+    for _ in range(3):
+        model(torch.randn(6, 29)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(residual_base, tmp_path)  # on the residual base LoRA-GA made
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The edges: adapter switching, merged adapters, models Flat-LoRA cannot drive
+# ----------------------------------------------------------------------------------------------------------
+
+def test_set_adapter_draws_c_for_the_new_adapter_and_a_hidden_switch_raises():
+    import copy
+
+    from peft import LoraConfig
+
+    model = variant_model("lora")
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["up"]))  # on `up` only
+    with torch.no_grad():
+        model.base_model.model.up.lora_B["other"].weight.normal_(std=0.5)
+    plain = copy.deepcopy(model)
+    ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=4)
+    up, down = ctl.layers["base_model.model.up"], ctl.layers["base_model.model.down"]
+    c_default, seed = up.noise_row_std.clone(), up.noise_seed
+
+    model.set_adapter("other")
+    assert up.noise_adapter == "other" and up.noise_seed == seed
+    merged = up.base_layer.weight + up.get_delta_weight("other")
+    torch.testing.assert_close(up.noise_row_std, 0.3 * merged.norm(dim=1) / 29 ** 0.5, rtol=1e-5, atol=0)
+    assert not down.noise_active  # no weights for "other" there: PEFT's base layer alone
+    plain.set_adapter("other")
+    oracle = perturbed_float64_copy(plain, ctl).train()
+    model.train()
+    x = torch.randn(4, 29)
+    assert_close_rel(model(x), oracle(x.double()), torch.float32, "after set_adapter('other')")
+
+    model.set_adapter("default")
+    assert torch.equal(up.noise_row_std, c_default) and down.noise_active
+    for layer in (up, down):  # an active adapter changed behind set_adapter's back
+        layer._active_adapter = ["other"]
+    with pytest.raises(RuntimeError, match="drawn for adapter 'default', but 'other' is active"):
+        model(x)
+
+
+def test_a_merged_adapter_is_refused_with_a_clear_error():
+    model = variant_model("lora")
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match=r"LoRA layer base_model.model.up has merged adapters \['default'\].*"
+                                           r"unmerge_adapter\(\)"):
+        fk.apply_flat_lora(model, sigma=0.1, schedule="constant")
+    assert not any(isinstance(m, fk.FlatLoraLinear) for m in model.modules())  # nothing changed
+    model.unmerge_adapter()
+    ctl = fk.apply_flat_lora(model, sigma=0.1, schedule="constant")
+    model.merge_adapter()
+    model.train()
+    with pytest.raises(RuntimeError, match="merged adapters"):
+        model(torch.randn(2, 29))
+    with pytest.raises(RuntimeError, match="merged adapters"):
+        ctl.step()
+    model.eval()
+    model(torch.randn(2, 29))  # evaluating a merged model is PEFT's business
+    model.unmerge_adapter()
+    ctl.resample()
+    model.train()
+    model(torch.randn(2, 29)).sum().backward()
+
+
+def test_a_peft_model_with_no_drivable_layer_gets_each_reason_not_wrap_advice():
+    from peft import LoraConfig, get_peft_model
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 8)
+            self.proj = torch.nn.Linear(8, 4)
+
+    model = get_peft_model(Embed(), LoraConfig(r=2, target_modules=["emb"]))
+    with pytest.raises(ValueError) as error:
+        fk.apply_flat_lora(model, sigma=0.1, schedule="constant")
+    message = str(error.value)
+    assert "none of the model's 1 LoRA layers" in message
+    assert "skipped base_model.model.emb: peft.tuners.lora.layer.Embedding: not a LoRA Linear layer" in message
+    assert "target Linear modules" in message and "get_peft_model" not in message
