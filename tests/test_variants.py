@@ -55,6 +55,20 @@ class MLP(torch.nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
+class ConvMLP(MLP):
+    """GPT-2's Conv1D layers (weights stored (in, out)), same sizes."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        torch.nn.Module.__init__(self)
+        self.up = Conv1D(37, 29)
+        self.down = Conv1D(23, 37)
+        with torch.no_grad():
+            for layer in (self.up, self.down):
+                layer.bias.normal_()
+
+
 def _variant_config(kind):
     from peft import AdaLoraConfig, LoraConfig
 
@@ -63,6 +77,7 @@ def _variant_config(kind):
         return AdaLoraConfig(init_r=5, target_r=2, lora_alpha=6, tinit=1, tfinal=1, deltaT=1, total_step=6,
                              **common)
     options = {"dora": dict(use_dora=True), "dora-dropout": dict(use_dora=True, lora_dropout=0.3),
+               "dora-conv1d": dict(use_dora=True, fan_in_fan_out=True),
                "lora_bias": dict(lora_bias=True), "lora": {}}[kind]
     return LoraConfig(r=3, lora_alpha=6, **common, **options)
 
@@ -73,7 +88,7 @@ def variant_model(kind, seed=0):
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(MLP(), _variant_config(kind))
+    model = get_peft_model(ConvMLP() if kind.endswith("conv1d") else MLP(), _variant_config(kind))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or "lora_E" in name:  # lora_B's weight, and its bias under lora_bias
@@ -128,7 +143,7 @@ def _trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("kind", ["dora", "dora-dropout", "lora_bias", "adalora"])
+@pytest.mark.parametrize("kind", ["dora", "dora-dropout", "dora-conv1d", "lora_bias", "adalora"])
 def test_variant_forward_and_gradients_equal_peft_on_a_perturbed_float64_copy(kind):
     import copy
 
@@ -166,7 +181,7 @@ def test_variant_forward_and_gradients_equal_peft_on_a_perturbed_float64_copy(ki
         assert rel_err(y, clean) > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["dora", "lora_bias", "adalora"])
+@pytest.mark.parametrize("kind", ["dora", "dora-conv1d", "lora_bias", "adalora"])
 def test_c_comes_from_the_weight_peft_merge_writes(kind):
     import copy
 
@@ -176,6 +191,7 @@ def test_c_comes_from_the_weight_peft_merge_writes(kind):
     ctl = fk.apply_flat_lora(model, sigma=0.2, schedule="constant", strict=True)
     for name, layer in ctl.layers.items():
         weight = merged.get_submodule(name).get_base_layer().weight
+        weight = weight.t() if layer.fan_in_fan_out else weight
         expected = 0.2 * weight.double().norm(dim=1) / weight.shape[1] ** 0.5
         torch.testing.assert_close(layer.noise_row_std.double(), expected, rtol=1e-5, atol=0)
 
@@ -399,3 +415,43 @@ def test_a_peft_model_with_no_drivable_layer_gets_each_reason_not_wrap_advice():
     assert "none of the model's 1 LoRA layers" in message
     assert "skipped base_model.model.emb: peft.tuners.lora.layer.Embedding: not a LoRA Linear layer" in message
     assert "target Linear modules" in message and "get_peft_model" not in message
+
+
+def test_4bit_layers_take_lora_bias_and_leave_dora_untouched():
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from peft.tuners import lora
+
+    from flatlora_kernels.quant4bit import PackedWeight4bit
+
+    from .helpers import float64_flat_lora
+
+    def layer_4bit(**options):
+        base = bnb.nn.Linear4bit(33, 21, bias=True, quant_type="nf4", compute_dtype=torch.float32)
+        base.weight = bnb.nn.Params4bit(0.1 * torch.randn(21, 33), requires_grad=False, quant_type="nf4")
+        base = base.to("cpu").requires_grad_(False)  # .to quantizes
+        layer = lora.bnb.Linear4bit(base, "default", config=LoraConfig(r=3, lora_alpha=6, **options), r=3,
+                                    lora_alpha=6, **options)
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(std=0.3)
+            if layer.lora_B["default"].bias is not None:
+                layer.lora_B["default"].bias.normal_(std=0.3)
+        return layer
+
+    layer = fk.FlatLoraLinear4bit.from_lora_linear(layer_4bit(lora_bias=True))
+    layer.sample_noise(seed=8, sigma=0.3)
+    weight = PackedWeight4bit.from_bnb(layer.base_layer.weight).dequantize()
+    a, b, scaling = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    bias = layer.base_layer.bias + scaling * layer.lora_B["default"].bias
+    x = torch.randn(6, 33)
+    y64, _ = float64_flat_lora(x, weight, bias, a, b, scaling, 8, layer.noise_row_std)
+    y = layer(x)
+    assert_close_rel(y, y64, torch.float32, "4-bit lora_bias forward")
+    y.sum().backward()
+    assert layer.lora_B["default"].bias.grad is not None
+
+    dora = torch.nn.Module()
+    dora.layer = layer_4bit(use_dora=True)
+    with pytest.raises(ValueError, match="DoraLinearVariant variant; Flat-LoRA noise supports vanilla LoRA, "
+                                         "lora_bias on this layer type"):
+        fk.apply_flat_lora(dora, sigma=0.1, schedule="constant")
