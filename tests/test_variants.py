@@ -78,7 +78,11 @@ def _variant_config(kind):
                              **common)
     options = {"dora": dict(use_dora=True), "dora-dropout": dict(use_dora=True, lora_dropout=0.3),
                "dora-conv1d": dict(use_dora=True, fan_in_fan_out=True),
-               "lora_bias": dict(lora_bias=True), "lora": {}}[kind]
+               "lora_bias": dict(lora_bias=True), "lora": {}, "rslora": dict(use_rslora=True),
+               # initialisations; PiSSA and OLoRA rewrite the base weight into a residual
+               "gaussian": dict(init_lora_weights="gaussian"), "pissa": dict(init_lora_weights="pissa"),
+               "pissa_niter_2": dict(init_lora_weights="pissa_niter_2"), "olora": dict(init_lora_weights="olora"),
+               }[kind]
     return LoraConfig(r=3, lora_alpha=6, **common, **options)
 
 
@@ -196,11 +200,33 @@ def test_c_comes_from_the_weight_peft_merge_writes(kind):
         torch.testing.assert_close(layer.noise_row_std.double(), expected, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["dora", "dora-dropout", "lora_bias", "adalora"])
+@pytest.mark.parametrize("kind", ["rslora", "gaussian", "pissa", "pissa_niter_2", "olora"])
+def test_initialisations_and_rslora_equal_peft_on_a_perturbed_float64_copy(kind):
+    import copy
+
+    model = variant_model(kind)
+    plain = copy.deepcopy(model)
+    ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=11, strict=True)
+    assert len(ctl.layers) == 2 and all(layer.noise_active for layer in ctl.layers.values())
+    merged = copy.deepcopy(plain)
+    merged.merge_adapter()  # c from W_residual + s B A, the weight merge writes
+    for name, layer in ctl.layers.items():
+        weight = merged.get_submodule(name).get_base_layer().weight.double()
+        torch.testing.assert_close(layer.noise_row_std.double(), 0.3 * weight.norm(dim=1) / weight.shape[1] ** 0.5,
+                                   rtol=1e-5, atol=0)
+    x = torch.randn(4, 29)
+    model.train()
+    assert_close_rel(model(x), perturbed_float64_copy(plain, ctl).train()(x.double()), torch.float32, kind)
+
+
+@pytest.mark.parametrize("kind", ["dora", "dora-dropout", "lora_bias", "adalora", "pissa"])
 def test_variant_trains_leaves_frozen_weights_bitwise_and_saves_a_plain_peft_adapter(kind, tmp_path):
+    import copy
+
     from peft import PeftModel
 
     model = variant_model(kind)
+    base = copy.deepcopy(model).unload()  # the base the adapter belongs to (PiSSA's residual one)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     initial = {n: p.detach().clone() for n, p in _trainable(model).items()}
     ctl = fk.apply_flat_lora(model, sigma=0.1, schedule="constant", seed=3, strict=True)
@@ -216,9 +242,10 @@ def test_variant_trains_leaves_frozen_weights_bitwise_and_saves_a_plain_peft_ada
             assert torch.equal(p, frozen[n]), n
     moved = [n for n, p in _trainable(model).items() if not torch.equal(p, initial[n])]
     assert moved == list(initial), set(initial) - set(moved)
+    # as PEFT's PiSSA guide says: else loading would decompose the residual base again
+    model.peft_config["default"].init_lora_weights = True
     model.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    loaded = PeftModel.from_pretrained(MLP(), tmp_path)  # the same base weights (seed 0), plain PEFT
+    loaded = PeftModel.from_pretrained(base, tmp_path)  # plain PEFT
     assert not any(type(m).__name__.startswith("Flat") for m in loaded.modules())
     x = torch.randn(5, 29)
     model.eval()
@@ -455,3 +482,55 @@ def test_4bit_layers_take_lora_bias_and_leave_dora_untouched():
     with pytest.raises(ValueError, match="DoraLinearVariant variant; Flat-LoRA noise supports vanilla LoRA, "
                                          "lora_bias on this layer type"):
         fk.apply_flat_lora(dora, sigma=0.1, schedule="constant")
+
+
+def test_loraplus_optimizer_and_modules_to_save():
+    """LoRA+ (PEFT's create_loraplus_optimizer) on a model that also trains a whole module (modules_to_save)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(MLP(), LoraConfig(r=3, lora_alpha=6, target_modules=["up"], modules_to_save=["down"]))
+    with torch.no_grad():
+        model.base_model.model.up.lora_B["default"].weight.normal_(std=0.3)
+    plain = copy.deepcopy(model)
+    ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=6, strict=True)
+    assert list(ctl.layers) == ["base_model.model.up"] and not ctl.skipped  # the saved module is no LoRA layer
+    x = torch.randn(4, 29)
+    model.train()
+    assert_close_rel(model(x), perturbed_float64_copy(plain, ctl).train()(x.double()), torch.float32, "forward")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    for _ in range(3):
+        model(torch.randn(6, 29)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    saved_copy = model.base_model.model.down.modules_to_save["default"].weight
+    assert not torch.equal(saved_copy, plain.base_model.model.down.modules_to_save["default"].weight)
+
+
+def test_all_linear_on_a_llama():
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from .models import llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(llama()[0], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    plain = copy.deepcopy(model)
+    ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=6, strict=True)
+    assert len(ctl.layers) == 14  # 7 projections x 2 blocks; lm_head is never targeted by "all-linear"
+    model.train()
+    ids = torch.randint(0, 96, (2, 7))
+    logits = model(input_ids=ids).logits
+    expected = perturbed_float64_copy(plain, ctl).train()(input_ids=ids).logits
+    assert_close_rel(logits, expected, torch.float32, "all-linear Llama logits")
