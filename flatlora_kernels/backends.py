@@ -82,7 +82,7 @@ def _native_4bit_backend() -> Backend:
     """The native backend for a 4-bit base: the reference's row blocks, each block's noise from C++."""
     from .native import generate_noise_native
 
-    return Backend("native", generate_noise_native, functools.partial(reference.merged_row_norms, noise=generate_noise_native),
+    return Backend("native", generate_noise_native, reference.merged_row_norms,
                    functools.partial(reference.perturbed_matmul, noise=generate_noise_native))
 
 

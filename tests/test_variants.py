@@ -147,6 +147,20 @@ def _trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def train_three_steps_frozen_bitwise(model, ctl, opt):
+    """Three optimizer steps with the controller, then: every frozen weight bitwise as it was."""
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    for _ in range(3):
+        model(torch.randn(6, 29)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+
+
 @pytest.mark.parametrize("kind", ["dora", "dora-dropout", "dora-conv1d", "lora_bias", "adalora"])
 def test_variant_forward_and_gradients_equal_peft_on_a_perturbed_float64_copy(kind):
     import copy
@@ -227,19 +241,9 @@ def test_variant_trains_leaves_frozen_weights_bitwise_and_saves_a_plain_peft_ada
 
     model = variant_model(kind)
     base = copy.deepcopy(model).unload()  # the base the adapter belongs to (PiSSA's residual one)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     initial = {n: p.detach().clone() for n, p in _trainable(model).items()}
     ctl = fk.apply_flat_lora(model, sigma=0.1, schedule="constant", seed=3, strict=True)
-    opt = torch.optim.AdamW(_trainable(model).values(), lr=1e-2)
-    model.train()
-    for _ in range(3):
-        model(torch.randn(6, 29)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        ctl.step()
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            assert torch.equal(p, frozen[n]), n
+    train_three_steps_frozen_bitwise(model, ctl, torch.optim.AdamW(_trainable(model).values(), lr=1e-2))
     moved = [n for n, p in _trainable(model).items() if not torch.equal(p, initial[n])]
     assert moved == list(initial), set(initial) - set(moved)
     # as PEFT's PiSSA guide says: else loading would decompose the residual base again
@@ -351,15 +355,7 @@ def test_lora_ga_is_adopted_exact_and_saves(tmp_path):
     model.train()
     x = torch.randn(5, 29)
     assert_close_rel(model(x), oracle(x.double()), torch.float32, "LoRA-GA forward")
-
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW(_trainable(model).values(), lr=1e-2)
-    for _ in range(3):
-        model(torch.randn(6, 29)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        ctl.step()
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    train_three_steps_frozen_bitwise(model, ctl, torch.optim.AdamW(_trainable(model).values(), lr=1e-2))
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(residual_base, tmp_path)  # on the residual base LoRA-GA made
     model.eval()
@@ -501,14 +497,8 @@ def test_loraplus_optimizer_and_modules_to_save():
     x = torch.randn(4, 29)
     model.train()
     assert_close_rel(model(x), perturbed_float64_copy(plain, ctl).train()(x.double()), torch.float32, "forward")
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
-    for _ in range(3):
-        model(torch.randn(6, 29)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        ctl.step()
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    train_three_steps_frozen_bitwise(model, ctl, opt)
     saved_copy = model.base_model.model.down.modules_to_save["default"].weight
     assert not torch.equal(saved_copy, plain.base_model.model.down.modules_to_save["default"].weight)
 
