@@ -16,6 +16,8 @@ Public API:
   whether the compiled C++ ops are installed.
 """
 
+from typing import TYPE_CHECKING
+
 from .backends import backend_name
 from .functional import flat_lora_linear, generate_noise, merged_row_norms
 from .config import FlatLoraConfig
@@ -26,6 +28,12 @@ from .native import native_available
 from .sharpness import RWP, SAM, BiLoRA, MergedSAM, SAMPerturber
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the lazy names below, visible to type checkers and the API docs without importing them
+    from . import flatness
+    from .layer import FlatLoraLinear4bit
+    from .sharpness.trainer import SharpnessTrainer
+    from .callback import FlatLoraCallback
 
 __all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraConfig", "FlatLoraLinear", "apply_flat_lora", "backend_name",
            "flat_lora_linear", "generate_noise", "merged_row_norms", "native_available", "register_flat_lora",

@@ -57,6 +57,11 @@ def check_row_std(row_std: torch.Tensor, weight: torch.Tensor) -> None:
                          f"got {row_std.dtype} {tuple(row_std.shape)}")
     if row_std.device != weight.device:
         raise ValueError(f"row_std is on {row_std.device} but weight is on {weight.device}")
+    check_row_std_values(row_std)
+
+
+def check_row_std_values(row_std: torch.Tensor) -> None:
+    """The values of ``c`` must be finite and >= 0 (this reads them)."""
     if not bool(torch.isfinite(row_std).all()) or bool((row_std < 0).any()):
         raise ValueError("row_std must hold finite values >= 0 (got NaN, inf or a negative entry)")
 

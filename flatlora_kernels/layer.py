@@ -21,8 +21,9 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.variants import DoraLinearVariant
 
 from . import checks
-from .distributed import _whole, check_seed_shared_across_shards, is_dtensor, tensor_parallel_perturbed_linear
-from .functional import SUPPORTED_DTYPES, _flat_lora_linear, _merged_row_norms, check_row_std
+from .distributed import (_whole, check_seed_shared_across_shards, is_dtensor, is_zero3_partitioned,
+                          tensor_parallel_perturbed_linear, zero3_merged_row_norms)
+from .functional import SUPPORTED_DTYPES, _flat_lora_linear, _merged_row_norms, check_row_std_values
 from .noise import check_seed
 from .quant4bit import CODEBOOKS, PackedWeight4bit, is_4bit_weight
 
@@ -151,6 +152,7 @@ class _FlatLoraNoise:
         self.noise_adapter = None
         self.noise_row_std = None
         self._seed_checked_across_shards: int | None = None  # the seed last found shared by every shard's rank
+        self._base_is_zero3 = False  # a DeepSpeed ZeRO-3 partitioned base weight (set with each sample)
 
     @classmethod
     def from_lora_linear(cls, layer: torch.nn.Module):
@@ -205,10 +207,16 @@ class _FlatLoraNoise:
 
     def _merged_row_norms(self, adapter: str) -> torch.Tensor:
         """Row norms of the adapter's merged weight (the one PEFT's ``merge`` writes), float32."""
+        if self._base_is_zero3 and (self._is_dora(adapter) or isinstance(self, SVDLinear)):
+            # their forward and factors (A * E, the magnitude) read partitioned parameters outside PEFT's calls
+            raise NotImplementedError("DoRA and AdaLoRA over DeepSpeed ZeRO-3 partitioned weights are not supported "
+                                      "by Flat-LoRA (vanilla LoRA and lora_bias are)")
         if self._is_dora(adapter):
             # m / ||W + sBA|| * (W + sBA) has rows of norm |m|
             return _whole(self.lora_magnitude_vector[adapter].weight).detach().float().abs()
         lora_A, lora_B, scaling = self._lora_factors(adapter)
+        if self._base_is_zero3:  # outside a forward ZeRO-3 holds a flat slice of W per rank
+            return zero3_merged_row_norms(self.get_base_layer().weight, self.fan_in_fan_out, lora_A, lora_B, scaling)
         return _merged_row_norms(self._weight_operand(), lora_A, lora_B, scaling)
 
     @torch.no_grad()
@@ -224,10 +232,10 @@ class _FlatLoraNoise:
             return
         adapter = self._noise_adapter()
         row_std = None
+        self._base_is_zero3 = is_zero3_partitioned(self.get_base_layer().weight)
         if adapter is not None:
-            weight = self._weight_operand()
-            row_std = self._merged_row_norms(adapter) * (sigma / math.sqrt(weight.shape[1]))
-            check_row_std(row_std, weight)
+            row_std = self._merged_row_norms(adapter) * (sigma / math.sqrt(self.in_features))
+            check_row_std_values(row_std)
         self.noise_seed, self.noise_sigma, self.noise_adapter, self.noise_row_std = seed, sigma, adapter, row_std
 
     def clear_noise(self) -> None:
@@ -260,6 +268,8 @@ class _FlatLoraNoise:
                                "resample()")
         if adapter is None:
             return super().forward(x)
+        if self._base_is_zero3:  # found when the sample was drawn: reading the weight here would gather it
+            return self._zero3_forward(x, self.noise_row_std)
         weight = self._weight_operand()
         row_std = self.noise_row_std
         if row_std.device != weight.device:
@@ -300,12 +310,8 @@ class _FlatLoraNoise:
         return base + (gain - 1) * base_dropped + (gain * scaling) * lora
 
     def _tensor_parallel_forward(self, x: torch.Tensor, weight: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
-        """PEFT's own forward with only the base layer's matmul replaced by the shard-wise perturbed one.
-
-        The base layer's tensor-parallel hooks (input and output layouts) and the LoRA modules, sharded
-        or not, run exactly as in plain PEFT, so every combination plain PEFT accepts trains the same
-        way; the LoRA term is PEFT's, not fused into the kernel epilogue.
-        """
+        """PEFT's forward with the base layer's matmul replaced by the shard-wise perturbed one (each rank
+        multiplies its shard perturbed by its block of ``Z``)."""
         seed = self.noise_seed
         if self._seed_checked_across_shards != seed:
             check_seed_shared_across_shards(seed, weight, type(self).__name__)
@@ -317,19 +323,34 @@ class _FlatLoraNoise:
             return _flat_lora_linear(x_local, weight_local, None, None, None, 0.0, seed=seed, row_std=rows,
                                      noise_offset=offset)
 
-        def perturbed_base_forward(x_in, *args, **kwargs):
-            return tensor_parallel_perturbed_linear(x_in, weight, base.bias, perturbed_local_linear)
-
-        # An instance attribute shadows the class's forward for this one call; nn.Module.__call__
-        # still runs the hooks that parallelize_module registered around it.
-        base.forward = perturbed_base_forward
         try:
-            return super().forward(x)
+            return self._forward_with_perturbed_base(
+                x, lambda x_in: tensor_parallel_perturbed_linear(x_in, weight, base.bias, perturbed_local_linear))
         except RuntimeError as exc:
             raise RuntimeError(
                 f"{type(self).__name__} over a tensor-parallel base layer: {exc}. If the base layer's output "
-                "layout does not match the LoRA path's, plain PEFT fails the same way (see the README, "
+                "layout does not match the LoRA path's, plain PEFT fails the same way (see docs/distributed.md, "
                 "'Tensor parallelism', for the plans that work)") from exc
+
+    def _zero3_forward(self, x: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
+        """PEFT's forward with the base layer's matmul replaced by the perturbed one, for ZeRO-3 partitioned
+        weights: DeepSpeed gathers a module's parameters in hooks around that module's own call (and again
+        before its backward), so the base layer and the LoRA modules must each be called, as plain PEFT does."""
+        def perturbed_base(x_in):  # inside the base layer's call: its weight is gathered now
+            return _flat_lora_linear(x_in, self.logical_weight(), self.get_base_layer().bias, None, None, 0.0,
+                                     seed=self.noise_seed, row_std=row_std)
+
+        return self._forward_with_perturbed_base(x, perturbed_base)
+
+    def _forward_with_perturbed_base(self, x: torch.Tensor, perturbed_base) -> torch.Tensor:
+        """PEFT's own forward with only the base layer's computation replaced by ``perturbed_base(x)`` for this
+        call. An instance attribute shadows the class's forward, so ``nn.Module.__call__`` still runs the hooks
+        others registered on the base layer (tensor-parallel layouts, ZeRO-3 gathering), and the LoRA modules
+        run as in plain PEFT (the LoRA term is PEFT's, not fused into the kernel epilogue)."""
+        base = self.get_base_layer()
+        base.forward = lambda x_in, *args, **kwargs: perturbed_base(x_in)
+        try:
+            return super().forward(x)
         finally:
             del base.forward
 
