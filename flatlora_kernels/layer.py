@@ -293,6 +293,7 @@ class _FlatLoraNoise:
         ``g = m / ||W + diag(c) Z + s B A||_row`` (norms detached, as DoRA prescribes). Without dropout
         ``y = g * (x W'^T + s x A^T B^T) + b``: the fused op once. With dropout ``x_d`` on the LoRA path,
         ``y = x W'^T + b + (g - 1) * x_d W'^T + g * s * x_d A^T B^T``: the perturbed base matmul twice.
+        The result has the dtype of the perturbed matmul's output, as PEFT's has the base layer's.
         """
         lora_A, lora_B, scaling = self._lora_factors(adapter)
         seed = self.noise_seed
@@ -301,13 +302,14 @@ class _FlatLoraNoise:
         bias = self.get_base_layer().bias
         dropout = self.lora_dropout[adapter]
         if isinstance(dropout, torch.nn.Identity):
-            y = gain * _flat_lora_linear(x, weight, None, lora_A, lora_B, scaling, seed=seed, row_std=row_std)
-            return y if bias is None else y + bias
+            z = _flat_lora_linear(x, weight, None, lora_A, lora_B, scaling, seed=seed, row_std=row_std)
+            y = gain * z if bias is None else gain * z + bias
+            return y.to(z.dtype)
         x_lora = dropout(x)
         base = _flat_lora_linear(x, weight, bias, None, None, 0.0, seed=seed, row_std=row_std)
         base_dropped = _flat_lora_linear(x_lora, weight, None, None, None, 0.0, seed=seed, row_std=row_std)
         lora = (x_lora.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()
-        return base + (gain - 1) * base_dropped + (gain * scaling) * lora
+        return (base + (gain - 1) * base_dropped + (gain * scaling) * lora).to(base.dtype)
 
     def _tensor_parallel_forward(self, x: torch.Tensor, weight: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
         """PEFT's forward with the base layer's matmul replaced by the shard-wise perturbed one (each rank

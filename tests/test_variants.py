@@ -169,7 +169,7 @@ def test_variant_forward_and_gradients_equal_peft_on_a_perturbed_float64_copy(ki
     plain = copy.deepcopy(model)
     ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=11, strict=True)
     assert sorted(ctl.layers) == ["base_model.model.down", "base_model.model.up"]
-    expected_class = fk.layer.FlatSVDLinear if kind == "adalora" else fk.FlatLoraLinear
+    expected_class = fk.FlatSVDLinear if kind == "adalora" else fk.FlatLoraLinear
     assert all(type(layer) is expected_class and layer.noise_active for layer in ctl.layers.values())
     model.train()
     masks, handles = _record_dropout_masks(model)
@@ -524,3 +524,29 @@ def test_all_linear_on_a_llama():
     logits = model(input_ids=ids).logits
     expected = perturbed_float64_copy(plain, ctl).train()(input_ids=ids).logits
     assert_close_rel(logits, expected, torch.float32, "all-linear Llama logits")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_in_bfloat16_keeps_the_dtype_and_equals_peft_on_a_perturbed_copy(dropout):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(MLP().to(torch.bfloat16), LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"],
+                                                                use_dora=True, lora_dropout=dropout))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    plain = copy.deepcopy(model)
+    ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=5, strict=True)
+    model.train()
+    masks, handles = _record_dropout_masks(model)
+    x = torch.randn(4, 29, dtype=torch.bfloat16)
+    y = model(x)
+    for handle in handles:
+        handle.remove()
+    assert y.dtype == torch.bfloat16
+    oracle = perturbed_float64_copy(plain, ctl, masks).train()
+    assert_close_rel(y, oracle(x.double()), torch.bfloat16, "bf16 DoRA forward")
