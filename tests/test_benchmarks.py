@@ -162,3 +162,14 @@ def test_summary_combines_both_parts_and_judges_goals(dry_run, tmp_path, monkeyp
     assert goals["layer fwd+bwd, 4096–16384 tokens"].value == 1.2
     assert goals["layer fwd+bwd, 4096–16384 tokens"].verdict() == "not met"
     assert goals["merged row norms"].verdict() == "not measured"
+
+
+def test_dora_benchmark_runs(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}  # this checkout's package
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dora.py"), "--quick", "--reps", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("dora-*-quick.json")
+    *methods, ratios = read_record(path, "dora")["results"]
+    assert [row["method"] for row in methods] == ["lora", "flat_lora", "dora", "flat_dora"]
+    assert all(row["fwdbwd_ms"] > 0 for row in methods) and ratios["ratios"]["flat_dora/dora"] > 0

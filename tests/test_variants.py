@@ -86,20 +86,25 @@ def _variant_config(kind):
     return LoraConfig(r=3, lora_alpha=6, **common, **options)
 
 
-def variant_model(kind, seed=0):
-    """A PEFT model of ``kind`` whose adapters are all non-trivial (B, E, the DoRA magnitude moved off their
-    initial values, so the update and the magnitude both matter)."""
+def nontrivial_peft_model(base, config, std=0.3):
+    """``get_peft_model(base, config)`` with every adapter non-trivial: B (and its bias under lora_bias), E and
+    the DoRA magnitude moved off their initial values, so the update and the magnitude both matter."""
     from peft import get_peft_model
 
-    torch.manual_seed(seed)
-    model = get_peft_model(ConvMLP() if kind.endswith("conv1d") else MLP(), _variant_config(kind))
+    model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_E" in name:  # lora_B's weight, and its bias under lora_bias
-                p.normal_(std=0.3)
+            if "lora_B" in name or "lora_E" in name:
+                p.normal_(std=std)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
     return model
+
+
+def variant_model(kind, seed=0):
+    """A PEFT model of ``kind`` over :class:`MLP` (:class:`ConvMLP` for the Conv1D kinds), adapters non-trivial."""
+    torch.manual_seed(seed)
+    return nontrivial_peft_model(ConvMLP() if kind.endswith("conv1d") else MLP(), _variant_config(kind))
 
 
 class _FixedDropout(torch.nn.Module):
@@ -506,16 +511,12 @@ def test_loraplus_optimizer_and_modules_to_save():
 def test_all_linear_on_a_llama():
     import copy
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from .models import llama
 
     torch.manual_seed(0)
-    model = get_peft_model(llama()[0], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
+    model = nontrivial_peft_model(llama()[0], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), std=0.05)
     plain = copy.deepcopy(model)
     ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=6, strict=True)
     assert len(ctl.layers) == 14  # 7 projections x 2 blocks; lm_head is never targeted by "all-linear"
@@ -530,15 +531,11 @@ def test_all_linear_on_a_llama():
 def test_dora_in_bfloat16_keeps_the_dtype_and_equals_peft_on_a_perturbed_copy(dropout):
     import copy
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     torch.manual_seed(0)
-    model = get_peft_model(MLP().to(torch.bfloat16), LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"],
-                                                                use_dora=True, lora_dropout=dropout))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.3)
+    model = nontrivial_peft_model(MLP().to(torch.bfloat16), LoraConfig(
+        r=3, lora_alpha=6, target_modules=["up", "down"], use_dora=True, lora_dropout=dropout))
     plain = copy.deepcopy(model)
     ctl = fk.apply_flat_lora(model, sigma=0.3, schedule="constant", seed=5, strict=True)
     model.train()
