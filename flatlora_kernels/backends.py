@@ -4,8 +4,9 @@
 Every backend provides the same three operations with the reference's semantics:
 ``noise(seed, m, n, device, offset=(r0, c0))``, ``row_norms(weight, lora_A, lora_B, scaling, *, seed=None,
 row_std=None, noise_offset=(0, 0))`` (the norms of the perturbed merged weight when ``row_std`` is given: DoRA's)
-and ``perturbed_matmul(a, weight, **kwargs)`` (see :mod:`flatlora_kernels.reference`); ``offset`` and the
-``noise_offset`` arguments place the weight inside a larger logical one (tensor parallelism).
+and ``perturbed_matmul(call, out=None)`` on a :class:`~flatlora_kernels.matmul_call.PerturbedMatmul` (see
+:mod:`flatlora_kernels.reference`); ``offset``, the norms' and the call's ``noise_offset`` place the weight
+inside a larger logical one (tensor parallelism).
 
 A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`): the Triton kernels dequantize
 its tiles in registers; the native C++ ops take dense weights only, so under the native backend it
@@ -34,6 +35,8 @@ BACKENDS = ("triton", "native", "reference")
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of the three operations (signatures in the module docstring)."""
+
     name: str
     noise: Callable[..., torch.Tensor]
     row_norms: Callable[..., torch.Tensor]

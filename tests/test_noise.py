@@ -11,15 +11,8 @@ import flatlora_kernels as fk
 from flatlora_kernels import noise as contract
 from flatlora_kernels.triton_ops.noise import gaussian_tile, generate_noise_triton, philox4x32
 
-from .conftest import DEVICES
+from .helpers import DEVICES, PHILOX_KAT
 
-# Random123's known-answer vectors for philox4x32-10: (counter, key, output).
-PHILOX_KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
 
 
 @pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
