@@ -106,15 +106,22 @@ class FlatLora:
                                          f"{self.step_count} (sigma_t={self.sigma_t:.4g}): {exc}") from None
 
     def factors(self) -> dict[str, torch.nn.Parameter]:
-        """The trainable LoRA factors of the adopted layers, by ``layer.lora_A.adapter`` name."""
+        """The trainable adapter parameters of the adopted layers (LoRA's A and B, and where the variant has
+        them the LoRA bias, AdaLoRA's E, DoRA's magnitude), by ``layer.lora_A.adapter`` name (a module's
+        other parameters get their own name appended, e.g. ``layer.lora_B.adapter.bias``)."""
         found = {}
         for name, layer in self.layers.items():
             for adapter in layer.active_adapters:
-                for kind in ("lora_A", "lora_B"):
-                    if adapter in getattr(layer, kind):
-                        p = getattr(layer, kind)[adapter].weight
+                for kind in layer.adapter_layer_names:
+                    container = getattr(layer, kind)
+                    if adapter not in container:
+                        continue
+                    item = container[adapter]
+                    params = [("weight", item)] if isinstance(item, torch.nn.Parameter) else item.named_parameters()
+                    for param_name, p in params:
                         if p.requires_grad:
-                            found[f"{name}.{kind}.{adapter}"] = p
+                            suffix = "" if param_name == "weight" else f".{param_name}"
+                            found[f"{name}.{kind}.{adapter}{suffix}"] = p
         return found
 
     def _versions(self) -> list[int]:

@@ -6,7 +6,7 @@ import torch
 
 import flatlora_kernels as fk
 
-from .helpers import assert_close_rel, rel_err
+from .helpers import assert_close_rel, rel_err, trainable
 
 
 @pytest.mark.parametrize("noise_offset", [(0, 0), (5, 3)])
@@ -148,10 +148,6 @@ def perturbed_float64_copy(plain, ctl, masks=None):
     return oracle
 
 
-def _trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def train_three_steps_frozen_bitwise(model, ctl, opt):
     """Three optimizer steps with the controller, then: every frozen weight bitwise as it was."""
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -191,8 +187,8 @@ def test_variant_forward_and_gradients_equal_peft_on_a_perturbed_float64_copy(ki
     y.backward(dy)
     y64.backward(dy.double())
     assert_close_rel(x.grad, x64.grad, torch.float32, f"{kind} grad x")
-    oracle_params = _trainable(oracle)
-    params = _trainable(model)
+    oracle_params = trainable(oracle)
+    params = trainable(model)
     assert params.keys() == oracle_params.keys() and params
     for name, p in params.items():
         assert_close_rel(p.grad, oracle_params[name].grad, torch.float32, f"{kind} grad {name}")
@@ -246,10 +242,10 @@ def test_variant_trains_leaves_frozen_weights_bitwise_and_saves_a_plain_peft_ada
 
     model = variant_model(kind)
     base = copy.deepcopy(model).unload()  # the base the adapter belongs to (PiSSA's residual one)
-    initial = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    initial = {n: p.detach().clone() for n, p in trainable(model).items()}
     ctl = fk.apply_flat_lora(model, sigma=0.1, schedule="constant", seed=3, strict=True)
-    train_three_steps_frozen_bitwise(model, ctl, torch.optim.AdamW(_trainable(model).values(), lr=1e-2))
-    moved = [n for n, p in _trainable(model).items() if not torch.equal(p, initial[n])]
+    train_three_steps_frozen_bitwise(model, ctl, torch.optim.AdamW(trainable(model).values(), lr=1e-2))
+    moved = [n for n, p in trainable(model).items() if not torch.equal(p, initial[n])]
     assert moved == list(initial), set(initial) - set(moved)
     # as PEFT's PiSSA guide says: else loading would decompose the residual base again
     model.peft_config["default"].init_lora_weights = True
@@ -277,7 +273,7 @@ def _adalora_budget_reached(model):
 def test_adalora_rank_allocator_runs_beside_the_controller_in_a_plain_loop():
     model = variant_model("adalora")  # init_r 5 -> target_r 2 over total_step=6
     ctl = fk.apply_flat_lora(model, sigma=0.1, schedule="constant", seed=3, strict=True)
-    opt = torch.optim.AdamW(_trainable(model).values(), lr=1e-2)
+    opt = torch.optim.AdamW(trainable(model).values(), lr=1e-2)
     for step in range(6):
         model(torch.randn(6, 29)).square().mean().backward()
         opt.step()
@@ -360,7 +356,7 @@ def test_lora_ga_is_adopted_exact_and_saves(tmp_path):
     model.train()
     x = torch.randn(5, 29)
     assert_close_rel(model(x), oracle(x.double()), torch.float32, "LoRA-GA forward")
-    train_three_steps_frozen_bitwise(model, ctl, torch.optim.AdamW(_trainable(model).values(), lr=1e-2))
+    train_three_steps_frozen_bitwise(model, ctl, torch.optim.AdamW(trainable(model).values(), lr=1e-2))
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(residual_base, tmp_path)  # on the residual base LoRA-GA made
     model.eval()
@@ -513,7 +509,7 @@ def test_all_linear_on_a_llama():
 
     from peft import LoraConfig
 
-    from .models import llama
+    from .helpers import llama
 
     torch.manual_seed(0)
     model = nontrivial_peft_model(llama()[0], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), std=0.05)
