@@ -144,9 +144,9 @@ if [[ $PART == quick ]]; then
   step bench-paths 150 "${paths_run[@]}"
   # Table 7's chart and Markdown stay in scratch (the summary prints its table from the JSON).
   if ((DRY_RUN)); then t7_args=(--preset tiny --steps 2); else t7_args=(--preset 7b --steps 3); fi
-  if_time_left table7-short 120 90 bash -c "$TABLE7" table7 "${t7_args[@]}" --grad-accum 16
+  if_time_left table7-short 120 100 bash -c "$TABLE7" table7 "${t7_args[@]}" --grad-accum 16
   # Compiles for sm_90 without a GPU, so never under the interpreter.
-  step kernel-budget 90 env -u TRITON_INTERPRET python benchmarks/kernel_budget.py \
+  step kernel-budget 120 env -u TRITON_INTERPRET python benchmarks/kernel_budget.py \
     --out "$RESULTS_DIR/kernel-budget.json"
 else
   cuda_only build-cuda-extension 300 bash -c 'MAX_JOBS=${MAX_JOBS:-16} python setup.py build_ext --inplace &&
