@@ -287,6 +287,6 @@ def perturbed_matmul_triton(
         HAS_LORA=has_lora, HAS_KEEP=keep is not None,
         UPCAST_DOT=dot_needs_fp32_operands(out_dtype),
         MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(out_dtype), FP32_PRECISION=fp32_dot_precision(),
-        FAST_NOISE=fast_noise(out_dtype), NOISE_COLS_ALIGNED=noise_col_offset % 4 == 0, BLOCK_R=rank_block(r), **cfg,
+        FAST_NOISE=fast_noise(out_dtype), NOISE_COLS_ALIGNED=noise_col_offset % contract.NORMALS_PER_CALL == 0, BLOCK_R=rank_block(r), **cfg,
     )
     return out
