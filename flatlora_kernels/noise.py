@@ -52,10 +52,11 @@ in float64), the float32 reference, the native CPU generator (its own vectorised
 identical bits on its AVX-512, AVX2 and portable paths) and the precise Triton/CUDA paths stay
 within ``PRECISE_NOISE_ATOL``. The fused bf16/fp16 kernels on a GPU evaluate ``ln``, ``sin`` and
 ``cos`` with the SFU instructions ``lg2/sin/cos.approx.ftz.f32`` (theta is already in (-pi, pi)),
-so Z moves by at most ``FAST_NOISE_ATOL``: a few 1e-6 typically, most where the radius is
-smallest; near u = 1 the approximate ``lg2`` has an absolute error as large as ``|log2 u|``
-itself, so ``r**2`` is clamped at 0 (never NaN) and r can move by up to ~6e-4 there. Even that is
-1/13 of a bf16 step at 1.0, before Z is scaled by ``c`` (typically 0.05 times the row's rms weight).
+so Z moves by at most ``FAST_NOISE_ATOL``: a few 1e-6 typically (sin/cos), most where the
+radius is smallest. Since ``u <= 1 - 2**-17``, ``|log2 u| >= 1.1e-5`` stays far above the
+approximate ``lg2``'s absolute error (``2**-22.6``), so ``r**2`` needs no clamp and r moves by at
+most ~1% near u = 1 (where r ~ 4e-3, i.e. ~4e-5 absolute). All of this is far below a bf16 step
+at 1.0, before Z is scaled by ``c`` (typically 0.05 times the row's rms weight).
 
 The perturbation of a layer is ``eps = diag(c) Z`` with ``c`` the ``(m,)`` float32 vector of
 row standard deviations; ``Z`` is only ever regenerated, never stored by the fused paths.
