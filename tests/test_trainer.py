@@ -5,19 +5,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from flatlora_kernels import FlatLoraCallback
 
-from .models import VOCAB, peft_family
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n=48, length=9):
-        gen = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, VOCAB, (n, length), generator=gen)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+from .helpers import TokenData, peft_family
 
 
 class StopAfter(TrainerCallback):

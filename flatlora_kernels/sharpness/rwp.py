@@ -28,7 +28,8 @@ from typing import Iterator
 import torch
 
 from .. import checks
-from ..integration import FlatLoraConfig, apply_flat_lora, schedule_factor
+from ..config import FlatLoraConfig, resolve_config, schedule_factor
+from ..controller import apply_flat_lora
 from ._common import Backward, LossClosure, Snapshot, check_window, generator, lora_factors, rank_tag
 
 SCOPES = ("merged", "lora")
@@ -54,10 +55,7 @@ class RWP:
 
     def __init__(self, model: torch.nn.Module, config: FlatLoraConfig | None = None, *, lam: float = 0.5,
                  scope: str = "merged", **options) -> None:
-        if config is None:
-            config = FlatLoraConfig(**{"schedule": "constant", **options})
-        elif options:
-            raise TypeError(f"pass either a FlatLoraConfig or its fields as keywords, not both (got {sorted(options)})")
+        config = resolve_config(config, options, defaults={"schedule": "constant"}, owner="RWP")
         config.require_total_steps()
         self.lam = checks.probability("lam", lam, include_one=True)
         if scope not in SCOPES:

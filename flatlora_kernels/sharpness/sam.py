@@ -19,6 +19,7 @@ Under DDP the first backward all-reduces ``g``, so ``e`` is the same on every ra
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable, Iterator
 
 import torch
@@ -177,8 +178,18 @@ class SAM(torch.optim.Optimizer):
     loading between the two steps is an error. See :class:`SAMPerturber` for ``on_nonfinite``.
     """
 
-    def __init__(self, params: Iterable, base_optimizer_cls: type, rho: float = 0.05, adaptive: bool = False,
-                 per_tensor: bool = False, on_nonfinite: str = "raise", **optimizer_kwargs) -> None:
+    def __init__(self, params: Iterable, base_optimizer_cls: type, rho: float = 0.05, *deprecated_positional,
+                 adaptive: bool = False, per_tensor: bool = False, on_nonfinite: str = "raise",
+                 **optimizer_kwargs) -> None:
+        if deprecated_positional:  # adaptive, per_tensor, on_nonfinite were positional before 0.2
+            names = ("adaptive", "per_tensor", "on_nonfinite")
+            if len(deprecated_positional) > len(names):
+                raise TypeError(f"SAM takes at most 3 positional arguments after params, got "
+                                f"{3 + len(deprecated_positional)}")
+            warnings.warn(f"SAM: passing {', '.join(names[:len(deprecated_positional)])} by position is deprecated: "
+                          "use keywords (as SAMPerturber does)", DeprecationWarning, stacklevel=2)
+            adaptive, per_tensor, on_nonfinite = (tuple(deprecated_positional)
+                                                  + (adaptive, per_tensor, on_nonfinite)[len(deprecated_positional):])
         rho = checks.positive_real("rho", rho)
         super().__init__(params, {"rho": rho, **optimizer_kwargs})
         self.base_optimizer = base_optimizer_cls(self.param_groups, **optimizer_kwargs)
