@@ -12,6 +12,8 @@ Public API:
 * :mod:`flatlora_kernels.sharpness`: :class:`SAM`, :class:`SAMPerturber`, :class:`MergedSAM`, :class:`RWP`,
   :class:`BiLoRA` and :class:`SharpnessTrainer`, the sharpness-aware neighbours;
 * :mod:`flatlora_kernels.flatness`: Hessian spectra, sharpness and loss surfaces of the merged weights;
+* :func:`save_atomically` and :func:`last_complete_checkpoint` (:mod:`~flatlora_kernels.checkpoint`): saving a
+  crash cannot corrupt, and the newest Trainer checkpoint a crash did not cut short;
 * :func:`backend_name` tells which implementation runs for a device; :func:`native_available`
   whether the compiled C++ ops are installed.
 """
@@ -19,6 +21,7 @@ Public API:
 from typing import TYPE_CHECKING
 
 from .backends import backend_name
+from .checkpoint import last_complete_checkpoint, save_atomically
 from .functional import flat_lora_linear, generate_noise, merged_row_norms
 from .config import FlatLoraConfig
 from .controller import FlatLora, apply_flat_lora, register_flat_lora
@@ -36,7 +39,8 @@ if TYPE_CHECKING:  # the lazy names below, visible to type checkers and the API 
     from .callback import FlatLoraCallback
 
 __all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraConfig", "FlatLoraLinear", "apply_flat_lora", "backend_name",
-           "flat_lora_linear", "generate_noise", "merged_row_norms", "native_available", "register_flat_lora",
+           "flat_lora_linear", "generate_noise", "last_complete_checkpoint", "merged_row_norms", "native_available",
+           "register_flat_lora", "save_atomically",
            "BiLoRA", "MergedSAM", "RWP", "SAM", "SAMPerturber", "SharpnessTrainer", "flatness"]
 if layer.LoraLinear4bit is not None:  # FlatLoraLinear4bit exists where bitsandbytes does
     __all__.append("FlatLoraLinear4bit")

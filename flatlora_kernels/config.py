@@ -16,6 +16,9 @@ from .noise import check_seed
 
 Schedule = Union[str, Callable[[int, "int | None"], float]]
 SCHEDULES = ("cosine", "linear", "constant")
+# A schedule scales sigma, normally by a fraction in [0, 1]; beyond this the noise is meaningless and c
+# would overflow float32.
+MAX_SCHEDULE_FACTOR = 1e3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +73,14 @@ def schedule_factor(schedule: Schedule, step: int, total_steps: int | None) -> f
     if callable(schedule):
         value = schedule(step, total_steps)
         try:
-            return checks.nonnegative_real("the schedule callable's factor", value)
+            factor = checks.nonnegative_real("the schedule callable's factor", value)
         except ValueError:
-            raise ValueError(f"the schedule callable returned {value!r} at step {step}; "
-                             "expected a finite number >= 0") from None
+            factor = math.inf
+        if not factor <= MAX_SCHEDULE_FACTOR:
+            raise ValueError(f"the schedule callable (schedule=) returned {value!r} at step {step}; expected the "
+                             f"fraction of sigma to use: a finite number in [0, {MAX_SCHEDULE_FACTOR:g}] "
+                             "(normally [0, 1])")
+        return factor
     if schedule == "constant":
         return 1.0
     progress = min(step / total_steps, 1.0)

@@ -277,6 +277,9 @@ def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, 
     _check_float("x", x)
     _check_lora(weight, lora_A, lora_B)
     m, n = weight.shape
+    if n == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: in_features must be >= 1 (an empty input "
+                         "dimension has nothing to multiply)")
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={n}")
     if x.device != weight.device:

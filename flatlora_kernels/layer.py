@@ -8,7 +8,7 @@ import math
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from . import checks
+from . import checks, nonfinite
 from .distributed import (check_seed_shared_across_shards, is_dtensor, is_zero3_partitioned,
                           tensor_parallel_perturbed_linear, zero3_merged_row_norms)
 from .functional import SUPPORTED_DTYPES, _flat_lora_linear, check_row_std_values, merged_row_norms
@@ -149,9 +149,37 @@ class _FlatLoraNoise:
         else:
             norms = merged_row_norms(self._weight_operand(), lora_A, lora_B, scaling)
         row_std = norms * (sigma / math.sqrt(self.in_features))
+        if not bool(torch.isfinite(row_std).all()):
+            raise FloatingPointError(self._nonfinite_noise_cause(adapter, base_weight, sigma))
         check_row_std_values(row_std)
         self.noise_seed = seed
         self.noise_row_std = row_std
+
+    @torch.no_grad()
+    def restore_noise(self, seed: int, row_std: torch.Tensor | None) -> None:
+        """Set a sample saved earlier (its seed and ``c``) exactly as it was: nothing is recomputed from the
+        weights, so it does not matter what they are now. ``row_std=None`` clears the noise."""
+        check_seed(seed)
+        if row_std is None:
+            self._reset_noise_state()
+            return
+        if not isinstance(row_std, torch.Tensor) or row_std.dtype != torch.float32 \
+                or tuple(row_std.shape) != (self.out_features,):
+            raise ValueError(f"row_std must be a float32 tensor of shape ({self.out_features},), got {row_std!r:.80}")
+        check_row_std_values(row_std)
+        base_weight = self.get_base_layer().weight
+        self._base_is_zero3 = is_zero3_partitioned(base_weight)
+        self.noise_seed = seed
+        self.noise_row_std = row_std.detach().clone().to(base_weight.device)
+
+    def _nonfinite_noise_cause(self, adapter: str, weight, sigma: float) -> str:
+        factors = [self.lora_A[adapter].weight, self.lora_B[adapter].weight]
+        if not all(bool(torch.isfinite(f).all()) for f in factors):
+            return f"the LoRA factors of adapter {adapter!r} hold NaN/inf; {nonfinite.WEIGHT_CAUSES}"
+        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+            return "the frozen base weight holds NaN/inf (check how the model was loaded or modified)"
+        return (f"the noise std c = sigma * row norm / sqrt(in_features) overflows float32 at sigma={sigma:g}: "
+                "sigma (or the schedule's factor) is far too large")
 
     def clear_noise(self) -> None:
         """Drop the current sample: the layer is plain LoRA until the next :meth:`sample_noise`."""

@@ -73,7 +73,8 @@ PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUNDS = 10
-# Version of the definition above; recorded with results and checkpoints that depend on the exact Z.
+# Version of the definition above, recorded in benchmark records and saved in every controller state so
+# that a resume under another definition (other noise for the same seed) is caught.
 CONTRACT_VERSION = 2
 NORMALS_PER_CALL = 8
 UNIFORM_BITS = 16

@@ -14,9 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import flatlora_kernels as fk
+from flatlora_kernels import apply_flat_lora
+from flatlora_kernels.noise import layer_seed
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -284,3 +286,86 @@ def snapshot(model):
 
 def bitwise_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------- data-parallel runs against one process
+# Two ranks train the llama family for DP_STEPS steps of SGD on batches dp_batch(rank, step); the reference
+# runs both ranks' batches on one process (FSDP2, DeepSpeed ZeRO-3 and the Trainer tests compare with it).
+DP_WORLD = 2
+DP_STEPS = 2
+DP_SIGMA, DP_SEED, DP_LR = 0.2, 3, 1e-2
+TRAINER_STEPS = 2
+
+
+def dp_batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def one_process_reference(per_rank_noise):
+    """The same run on one process: rank r's batch under rank r's noise, gradients averaged as FSDP does."""
+    model, _ = peft_family("llama")
+    ctl = apply_flat_lora(model, sigma=DP_SIGMA, schedule="constant", seed=DP_SEED, per_rank_noise=per_rank_noise)
+    opt = torch.optim.SGD(trainable(model).values(), lr=DP_LR)
+    losses, grads, row_std = [[] for _ in range(DP_WORLD)], None, None
+    for step in range(DP_STEPS):
+        for rank in range(DP_WORLD):
+            for k, layer in enumerate(ctl.layers.values()):
+                layer.sample_noise(layer_seed(DP_SEED, step, k, rank + 1 if per_rank_noise else 0), DP_SIGMA)
+            ids = dp_batch(rank, step)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / DP_WORLD).backward()
+            losses[rank].append(loss.item())
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+        row_std = [layer.noise_row_std.clone() for layer in ctl.layers.values()]
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, grads, row_std, adapters
+
+
+def assert_plain_peft_adapter_equals(path, adapters: dict) -> None:
+    """Plain PEFT loads the saved adapter onto a fresh base model, and its LoRA weights are ``adapters``."""
+    base, *_ = llama()
+    loaded = PeftModel.from_pretrained(base, str(path))
+    lora = {name: param for name, param in loaded.named_parameters() if "lora_" in name}
+    assert lora.keys() == adapters.keys()
+    for name, param in lora.items():
+        torch.testing.assert_close(param, adapters[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def train_with_trainer(out_dir, distributed: dict | None):
+    """Two optimizer steps of the Trainer with FlatLoraCallback (shared noise), data in order: with
+    ``distributed`` (TrainingArguments for FSDP2 or DeepSpeed) over two processes (a batch of 2 each), or
+    with None on one process (batches of 2, two accumulated per step)."""
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    from flatlora_kernels import FlatLoraCallback
+
+    class InOrder(Trainer):  # both runs see batch 2s + k on rank / micro-batch k of step s
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    model, _ = peft_family("llama")
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=TRAINER_STEPS, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=DP_WORLD if distributed is None else 1, learning_rate=5e-3,
+                             report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
+                             logging_steps=100, **(distributed or {}))
+    callback = FlatLoraCallback(sigma=DP_SIGMA, seed=DP_SEED, per_rank_noise=False)
+    trainer = InOrder(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
+    trainer.train()
+    return trainer, callback
+
+
+def interrupt_after(step: int):
+    """A Trainer callback that interrupts a run after optimizer step ``step`` (its checkpoint is saved first)."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return StopAfter()

@@ -7,8 +7,7 @@ from peft import PeftModel
 
 from flatlora_kernels import FlatLoraCallback
 
-from .models import VOCAB, llama, peft_family
-from .test_trainer import StopAfter
+from .helpers import VOCAB, interrupt_after, llama, peft_family
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -33,7 +32,7 @@ def _sft(output_dir, max_steps, resume=None, callback=True, stop_after=None):
                          use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, logging_steps=100)
     callbacks = [FlatLoraCallback(sigma=0.1, seed=7)] if callback else []
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer(),
-                             callbacks=callbacks + ([StopAfter(stop_after)] if stop_after else []))
+                             callbacks=callbacks + ([interrupt_after(stop_after)] if stop_after else []))
     trainer.train(resume_from_checkpoint=resume)
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, callbacks, trainer
 
