@@ -7,7 +7,6 @@
 // extra memory stays within 4 * max(4 MiB, 64 n bytes), whatever m is (measured by
 // benchmarks/bench_native_cpu.py). W itself is only read.
 
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
