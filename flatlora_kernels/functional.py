@@ -103,7 +103,8 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
 
 
 def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, *, seed: int | None = None, row_std: torch.Tensor | None = None,
+                     noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """``||W[i, :] + scaling * B[i, :] @ A||_2`` for every row, float32 ``(m,)``, never forming ``B @ A``.
 
     ``weight`` is the logical ``(out_features, in_features)`` matrix (a transposed view is fine).
@@ -111,9 +112,28 @@ def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tens
     being gathered (:mod:`flatlora_kernels.distributed`); a 4-bit base is dequantized tile by tile
     in registers by the Triton kernel, else a block of rows at a time by the reference. Not
     differentiable: it is a statistic of the current weights.
+
+    With ``row_std`` (and ``seed``), the norms of the *perturbed* merged weight
+    ``W + diag(row_std) Z(seed)[r0:, c0:] + scaling * B A`` (``(r0, c0) = noise_offset``), the noise
+    regenerated tile by tile in the Triton kernel, else a block of rows at a time: what DoRA divides
+    by under Flat-LoRA. Dense, unsharded weights only.
     """
     _check_lora(weight, lora_A, lora_B)
     scaling = checks.finite_real("scaling", scaling)
+    if row_std is not None:
+        if isinstance(weight, PackedWeight4bit) or is_dtensor(weight):
+            raise NotImplementedError("merged_row_norms with row_std takes a dense, unsharded weight, got "
+                                      f"{type(weight).__name__}")
+        check_seed(seed)
+        check_row_std(row_std, weight)
+        noise_offset = check_noise_offset(noise_offset, *weight.shape)
+    return _merged_row_norms(weight, lora_A, lora_B, scaling, seed=seed, row_std=row_std, noise_offset=noise_offset)
+
+
+def _merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      scaling: float, *, seed: int | None = None, row_std: torch.Tensor | None = None,
+                      noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """:func:`merged_row_norms` on arguments the caller has checked (the layer, once per sample)."""
     lora_A, lora_B = lora_A.detach(), lora_B.detach()
     with torch.no_grad():
         if isinstance(weight, PackedWeight4bit):
@@ -121,7 +141,10 @@ def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tens
         row_norms = get_backend(weight.device).row_norms
         if is_dtensor(weight):
             return sharded_merged_row_norms(weight.detach(), lora_A, lora_B, scaling, row_norms)
-        return row_norms(weight.detach(), lora_A, lora_B, scaling)
+        if row_std is None:
+            return row_norms(weight.detach(), lora_A, lora_B, scaling)
+        return row_norms(weight.detach(), lora_A, lora_B, scaling, seed=seed, row_std=row_std,
+                         noise_offset=noise_offset)
 
 
 @torch.library.custom_op("flatlora::perturbed_matmul", mutates_args=())

@@ -160,6 +160,17 @@ def test_summary_combines_both_parts_and_judges_goals(dry_run, tmp_path, monkeyp
     assert goals["merged row norms"].verdict() == "not measured"
 
 
+def test_dora_benchmark_runs(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}  # this checkout's package
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dora.py"), "--quick", "--reps", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("dora-*-quick.json")
+    *methods, ratios = read_record(path, "dora")["results"]
+    assert [row["method"] for row in methods] == ["lora", "flat_lora", "dora", "flat_dora"]
+    assert all(row["fwdbwd_ms"] > 0 for row in methods) and ratios["ratios"]["flat_dora/dora"] > 0
+
+
 @pytest.fixture
 def bench_modules(monkeypatch):
     """Import a benchmark script by name, as the scripts import each other (benchmarks/ on the path)."""

@@ -103,21 +103,24 @@ def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: 
                    config=config_name, divisible_by_16=DIVISIBLE_BY_16, weight_4bit=weight_4bit)
 
 
-def row_norms_variant(dtype: torch.dtype, weight_4bit: bool = False) -> Variant:
-    """The merged-norms kernel over a dense ``dtype`` W or a packed 4-bit W dequantized to ``dtype``."""
+def row_norms_variant(dtype: torch.dtype, weight_4bit: bool = False, noise: bool = False) -> Variant:
+    """The merged-norms kernel over a dense ``dtype`` W or a packed 4-bit W dequantized to ``dtype``;
+    with ``noise``, of the perturbed merged weight (DoRA's norms, dense W)."""
     name = str(dtype).replace('torch.', '')
     block_m, block_n = row_norms_blocks(weight_4bit)
     return Variant(
-        f"row_norms w={name}" + (f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else ""), _merged_row_norms_kernel,
+        f"row_norms w={name}" + (f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else "") + (" noisy" if noise else ""),
+        _merged_row_norms_kernel,
         {"w_ptr": "*u8" if weight_4bit else POINTER_TYPES[dtype], "a_ptr": "*fp32", "b_ptr": "*fp32",
-         "out_ptr": "*fp32", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32",
-         "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32",
+         "row_std_ptr": "*fp32", "out_ptr": "*fp32", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32",
+         "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32", "seed_lo": "i64", "seed_hi": "i64",
+         "noise_row_offset": "i64", "noise_col_offset": "i64",
          **{s: "i64" for s in ("stride_wm", "stride_wn", "stride_ar", "stride_an", "stride_bm", "stride_br")}},
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, stride_wn=1, stride_an=1, stride_br=1,
-             **weight_4bit_constexprs(dtype if weight_4bit else None)),
+             HAS_NOISE=noise, NOISE_COLS_ALIGNED=True, **weight_4bit_constexprs(dtype if weight_4bit else None)),
         role="row_norms", dtype=dtype, weight_4bit=weight_4bit,
-        divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N", "stride_wm",
-                         "stride_ar"))
+        divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "row_std_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N",
+                         "stride_wm", "stride_ar"))
 
 
 def variants() -> list[Variant]:
@@ -134,6 +137,7 @@ def variants() -> list[Variant]:
                    config="materialise") for fast in (False, True)]
     for dtype in POINTER_TYPES:
         out.append(row_norms_variant(dtype))
+        out.append(row_norms_variant(dtype, noise=True))
         for forward in (True, False):
             for config_name, config in MATMUL_CONFIGS.distinct(dtype):
                 out.append(matmul_variant(dtype, forward, config_name, config))
