@@ -34,7 +34,7 @@ def native_build():
                 raise SystemExit(f"flatlora-kernels: building the native extension failed ({exc}); the compiler "
                                  f"output is above. {NATIVE_HELP}") from exc
 
-    sources = ["csrc/bindings.cpp", "csrc/ops_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/noise_cpu.cpp", "csrc/ops_cpu.cpp"]
     # -ffp-contract=off: no FMA contraction, so float results follow the reference's rounding steps.
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None

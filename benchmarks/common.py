@@ -5,8 +5,8 @@ Every JSON this folder writes is one record::
 
     {"schema": "flatlora-bench/1", "benchmark": NAME, "environment": {...}, "config": {...}, "results": [...]}
 
-``environment`` names the device, the torch/triton/CUDA/Python versions and the git commit, so a
-committed figure can always be traced to what produced it. ``$OUT`` (set by the device tool on a lent
+``environment`` names the device, the noise contract version, the torch/triton/CUDA/Python versions
+and the git commit, so a committed figure can always be traced to what produced it. ``$OUT`` (set by the device tool on a lent
 GPU) redirects results there.
 
 Timing (:func:`median_ms`): on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed before each
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from flatlora_kernels import noise
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks" / "results"
@@ -133,9 +135,10 @@ def git_commit() -> str | None:
 
 
 def environment(device: torch.device | str) -> dict:
-    """What produced a result: device, library versions, commit, time."""
+    """What produced a result: device, library versions, noise contract version, commit, time."""
     device = torch.device(device)
-    return {"device": device_label(device), "device_type": device.type, "torch": torch.__version__,
+    return {"device": device_label(device), "device_type": device.type, "noise_contract": noise.CONTRACT_VERSION,
+            "torch": torch.__version__,
             "triton": _version("triton"), "cuda": torch.version.cuda, "python": platform.python_version(),
             "platform": platform.platform(), "git_commit": git_commit(),
             "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -1,14 +1,17 @@
 """Statistics of the contract's noise Z on >= 10^7 draws: moments, KS, tails, correlations.
 
-Draws ``Z(seed)`` of one large matrix (default 4000 x 4003, 1.6e7 draws, n not a multiple of 4)
+Draws ``Z(seed)`` of one large matrix (default 4000 x 4003, 1.6e7 draws, n not a multiple of 8)
 with the fastest backend available here (native C++ on the CPU, else the reference), and reports
 
-* mean, variance, skewness, excess kurtosis, each with its z-score under N(0, 1);
+* mean, variance, skewness, excess kurtosis, each with its z-score under N(0, 1) (the variance
+  also against the contract's exact ``NOISE_VARIANCE`` = 1 - 5.3e-6);
 * the Kolmogorov-Smirnov statistic and p-value against N(0, 1);
-* the frequency of |Z| > 3 and > 4 against 2*Phi(-k), with z-scores;
-* correlations between neighbouring elements (column lags 1 to 4, i.e. lanes of one Philox call
-  and the next call), neighbouring rows, consecutive seeds, seeds 2**32 apart, and the seeds
-  two neighbouring layers get from ``layer_seed``; each with its z-score (r * sqrt(N)).
+* the frequency of |Z| > 3 and > 4 against 2*Phi(-k), with z-scores, and the largest |Z| against
+  the contract's bound ``MAX_ABS_NORMAL`` ~= 4.85;
+* correlations between neighbouring elements (column lags 1 to 8: outputs of one Philox call and
+  of the next call), each output of a call against the next (lanes 0-7), neighbouring rows,
+  consecutive seeds, seeds 2**32 apart, and the seeds two neighbouring layers get from
+  ``layer_seed``; each with its z-score (r * sqrt(N)).
 
 A z-score beyond about 5 would mean the generator is distinguishable from N(0, 1) by that test.
 
@@ -42,7 +45,9 @@ def moments(z: np.ndarray) -> dict:
     skew = float(scipy.stats.skew(z.ravel()))
     kurt = float(scipy.stats.kurtosis(z.ravel()))  # excess
     return {"mean": mean, "mean_z": mean * math.sqrt(count), "variance": var,
-            "variance_z": (var - 1) / math.sqrt(2 / count), "skewness": skew, "skewness_z": skew / math.sqrt(6 / count),
+            "variance_z": (var - 1) / math.sqrt(2 / count),
+            "variance_vs_contract_z": (var - contract.NOISE_VARIANCE) / math.sqrt(2 / count),
+            "skewness": skew, "skewness_z": skew / math.sqrt(6 / count),
             "excess_kurtosis": kurt, "excess_kurtosis_z": kurt / math.sqrt(24 / count)}
 
 
@@ -65,10 +70,18 @@ def main() -> int:
     args = parser.parse_args()
     draw = lambda seed: fk.generate_noise(seed, args.rows, args.cols).double().numpy()  # noqa: E731
     z = draw(args.seed)
-    results = {"draws": int(z.size), "backend": fk.backend_name("cpu"), "moments": moments(z), "tails": tails(z)}
+    results = {"draws": int(z.size), "backend": fk.backend_name("cpu"), "contract_version": contract.CONTRACT_VERSION,
+               "moments": moments(z), "tails": tails(z),
+               "bound": {"max_abs": float(np.abs(z).max()), "contract_bound": contract.MAX_ABS_NORMAL,
+                         "expected_beyond_bound_under_normal": 2 * float(scipy.stats.norm.sf(contract.MAX_ABS_NORMAL))
+                         * z.size}}
+    assert results["bound"]["max_abs"] <= contract.MAX_ABS_NORMAL + contract.PRECISE_NOISE_ATOL
     ks = scipy.stats.kstest(z.ravel(), "norm")
     results["ks"] = {"statistic": float(ks.statistic), "pvalue": float(ks.pvalue)}
-    corr = {f"column_lag_{lag}": correlation(z[:, lag:], z[:, :-lag]) for lag in (1, 2, 3, 4)}
+    corr = {f"column_lag_{lag}": correlation(z[:, lag:], z[:, :-lag]) for lag in range(1, 9)}
+    for lane in range(contract.NORMALS_PER_CALL):  # output `lane` of each call against the next column
+        cols = np.arange(lane, args.cols - 1, contract.NORMALS_PER_CALL)
+        corr[f"lane_{lane}_vs_next"] = correlation(z[:, cols], z[:, cols + 1])
     corr["row_lag_1"] = correlation(z[1:], z[:-1])
     for name, other in (("seed_plus_1", args.seed + 1), ("seed_plus_2**32", args.seed + 2**32),
                         ("neighbouring_layer", None)):
@@ -81,7 +94,7 @@ def main() -> int:
     worst = max([abs(v) for k, v in results["moments"].items() if k.endswith("_z")]
                 + [abs(t["z_score"]) for t in results["tails"]] + [abs(c["z_score"]) for c in corr.values()])
     results["largest_abs_z_score"] = worst
-    for key in ("moments", "tails", "ks", "correlations"):
+    for key in ("moments", "tails", "bound", "ks", "correlations"):
         print(key, results[key])
     print(f"{results['draws']} draws; largest |z-score| {worst:.2f}; KS p = {ks.pvalue:.3f}")
     path = write_record(args.out, "noise_statistics", "cpu", vars(args) | {"out": str(args.out)}, [results])

@@ -14,6 +14,9 @@ int64_t block_rows(int64_t n);
 // Philox4x32-10 words of (N, 4) counters under a 64-bit key: the raw stream, for tests.
 at::Tensor philox_words(int64_t seed, const at::Tensor& counters);
 
+// r(h), cos and sin of the angle of every 16-bit half h as the CPU generator computes them: (65536, 3).
+at::Tensor box_muller_terms_cpu();
+
 // Z(seed)[row_offset : row_offset + m, col_offset : col_offset + n].
 at::Tensor generate_noise_cpu(int64_t seed, int64_t m, int64_t n, int64_t row_offset, int64_t col_offset);
 at::Tensor merged_row_norms_cpu(const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,

@@ -2,17 +2,18 @@
 //
 // Memory bound: the perturbed weight is built one block of rows at a time: block_rows(n) x n
 // elements with block_rows(n) = max(16, 2^20 / n), so each float32 block buffer holds at most
-// max(4 MiB, 64 n bytes). The block and its noise temporaries (two half-size uniform buffers and
-// the normals) peak at about three such buffers, whatever m is: the op's extra memory is at most
-// 4 * max(4 MiB, 64 n bytes) (measured by benchmarks/bench_native_cpu.py). W itself is only read.
+// max(4 MiB, 64 n bytes). The noise generator (noise_cpu.cpp) adds diag(c) Z straight into the
+// block, with no temporaries; with the compute-dtype rounding and the product's slice the op's
+// extra memory stays within 4 * max(4 MiB, 64 n bytes), whatever m is (measured by
+// benchmarks/bench_native_cpu.py). W itself is only read.
 
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <optional>
 #include <string>
 
+#include "noise_cpu.h"
 #include "ops.h"
 #include "philox.h"
 
@@ -35,60 +36,11 @@ void check_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, "flatlora native CPU op: ", name, " must be 2-D, got ", t.dim(), "-D");
 }
 
-constexpr int kLanes = 16;
-
-// Z(seed)[row0 : row0 + rows, col0 : col0 + n], float32 (rows, n). Philox runs in C++ (vectorised over
-// lanes, rows in parallel) and writes the uniforms; the Box-Muller transcendentals run as ATen's
-// vectorised float ops, step for step as the contract (and the torch reference) writes them.
-// Philox words -> uniforms for rows [begin, end) of a block; compiled for AVX-512, AVX2 and the
-// baseline, picked at run time, so the lane loop is vectorised wherever the CPU allows.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void fill_uniforms(float* ur, float* ua, int64_t row0, int64_t quad0, int64_t begin, int64_t end, int64_t quads,
-                   uint32_t k0, uint32_t k1) {
-  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-  for (int64_t r = begin; r < end; ++r) {
-    for (int64_t q0 = 0; q0 < quads; q0 += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        c0[l] = static_cast<uint32_t>(quad0 + q0 + l);
-        c1[l] = static_cast<uint32_t>(row0 + r);
-        c2[l] = 0u;
-        c3[l] = 0u;
-      }
-      philox4x32_lanes<kLanes>(c0, c1, c2, c3, k0, k1);
-      const int64_t valid = std::min<int64_t>(kLanes, quads - q0);
-      float* dst_r = ur + 2 * (r * quads + q0);
-      float* dst_a = ua + 2 * (r * quads + q0);
-      for (int64_t l = 0; l < valid; ++l) {
-        dst_r[2 * l] = uniform_from_bits(c0[l]);
-        dst_a[2 * l] = uniform_from_bits(c1[l]);
-        dst_r[2 * l + 1] = uniform_from_bits(c2[l]);
-        dst_a[2 * l + 1] = uniform_from_bits(c3[l]);
-      }
-    }
-  }
-}
-
-at::Tensor noise_block(uint64_t seed, int64_t row0, int64_t rows, int64_t col0, int64_t n) {
-  // Whole Philox calls cover columns [4 * quad0, 4 * (quad0 + quads)); the block is cut out of them.
-  const int64_t quad0 = col0 / 4, skip = col0 % 4;
-  const int64_t quads = (skip + n + 3) / 4;
-  // [..., k, 0]: the radius word of pair k, [..., k, 1]: its angle word (pairs (x0, x1), (x2, x3)).
-  auto radius = at::empty({rows, quads, 2}, at::kFloat);
-  auto angle = at::empty({rows, quads, 2}, at::kFloat);
-  float* ur = radius.data_ptr<float>();
-  float* ua = angle.data_ptr<float>();
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    fill_uniforms(ur, ua, row0, quad0, begin, end, quads, k0, k1);
-  });
-  radius.log_().mul_(-2.0).sqrt_();
-  angle.mul_(2.0).sub_(1.0).mul_(kPi);
-  // z[..., k, 0] = r cos(theta), z[..., k, 1] = r sin(theta), computed in place in the output.
-  auto z = at::empty({rows, quads, 2, 2}, at::kFloat);
-  auto cos_part = z.select(3, 0), sin_part = z.select(3, 1);
-  at::cos_out(cos_part, angle).mul_(radius);
-  at::sin_out(sin_part, angle).mul_(radius);
-  return z.view({rows, 4 * quads}).narrow(1, skip, n);
+// Z(seed)[row0 : row0 + rows, col0 : col0 + n] added, scaled by row_scale, to a float32 block of rows
+// (row_scale null: written instead).
+void add_noise(at::Tensor& block, uint64_t seed, int64_t row0, int64_t col0, const float* row_scale) {
+  write_noise(NoiseRows{block.data_ptr<float>(), block.stride(0), block.size(0), block.size(1), seed, row0, col0,
+                        row_scale});
 }
 
 at::ScalarType parse_dtype(const std::string& name) {
@@ -131,11 +83,7 @@ void check_noise_block(int64_t row0, int64_t m, int64_t col0, int64_t n) {
 at::Tensor generate_noise_cpu(int64_t seed, int64_t m, int64_t n, int64_t row_offset, int64_t col_offset) {
   check_noise_block(row_offset, m, col_offset, n);
   auto out = at::empty({m, n}, at::kFloat);
-  const int64_t rows = block_rows(n);
-  for (int64_t r0 = 0; r0 < m; r0 += rows) {
-    const int64_t len = std::min(rows, m - r0);
-    out.narrow(0, r0, len).copy_(noise_block(static_cast<uint64_t>(seed), row_offset + r0, len, col_offset, n));
-  }
+  add_noise(out, static_cast<uint64_t>(seed), row_offset, col_offset, nullptr);
   return out;
 }
 
@@ -214,13 +162,16 @@ at::Tensor perturbed_matmul_cpu(const at::Tensor& a, const at::Tensor& weight, b
   // a rounded to the compute dtype, then multiplied in float32, as the reference does.
   const auto a_f = a.to(out_dtype).to(at::kFloat);
   auto out = at::zeros({M, N}, at::kFloat);
+  const at::Tensor row_scale = row_std ? row_std->contiguous() : at::Tensor();
   const int64_t rows = block_rows(n);
+  // One block buffer for the whole call: fresh large allocations would page-fault on every block.
+  auto block_buffer = at::empty({std::min(rows, m), n}, at::kFloat);
   for (int64_t r0 = 0; r0 < m && M > 0; r0 += rows) {
     const int64_t len = std::min(rows, m - r0);
-    auto block = weight.narrow(0, r0, len).to(at::kFloat, false, /*copy=*/true);
+    auto block = block_buffer.narrow(0, 0, len).copy_(weight.narrow(0, r0, len));
     if (row_std) {
-      block.addcmul_(noise_block(static_cast<uint64_t>(seed), noise_row_offset + r0, len, noise_col_offset, n),
-                     row_std->narrow(0, r0, len).unsqueeze(1));
+      add_noise(block, static_cast<uint64_t>(seed), noise_row_offset + r0, noise_col_offset,
+                row_scale.data_ptr<float>() + r0);
     }
     if (out_dtype != at::kFloat) block = block.to(out_dtype).to(at::kFloat);
     if (transpose_weight && len == m) {

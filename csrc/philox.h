@@ -1,6 +1,7 @@
 // The noise contract Z(seed, i, j), written once for the host and the device.
-// Definition: flatlora_kernels/noise.py (Philox4x32-10, counter (j >> 2, i, 0, 0), lane j & 3,
-// uniforms ((x >> 9) + 0.5) * 2^-23, Box-Muller on word pairs (0, 1) and (2, 3)).
+// Definition: flatlora_kernels/noise.py, contract version 2 (Philox4x32-10, counter (j >> 3, i, 0, 0),
+// output j & 7; word p gives outputs 2p, 2p + 1 by Box-Muller on midpoint uniforms of its 16-bit halves:
+// the low half for the radius, the high half for the angle).
 #pragma once
 
 #include <cstdint>
@@ -49,25 +50,25 @@ FLATLORA_HD Words philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
   return Words{{a[0], b[0], c[0], d[0]}};
 }
 
+constexpr int kContractVersion = 2;
+constexpr int kNormalsPerCall = 8;
 constexpr float kPi = 3.14159265358979323846f;
 
-// Exact float in (0, 1): the top 23 bits plus half a step.
-FLATLORA_HD float uniform_from_bits(uint32_t x) {
-  return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
+// Exact float in (0, 1): the 16-bit half h plus half a step, (h + 0.5) * 2^-16.
+FLATLORA_HD float uniform_from_half(uint32_t h) { return (static_cast<float>(h) + 0.5f) * 1.52587890625e-05f; }
+
+// One word to its two normals (cos term, sin term), in float32 as the contract writes it.
+FLATLORA_HD void box_muller(uint32_t x, float& z_cos, float& z_sin) {
+  const float r = sqrtf(-2.0f * logf(uniform_from_half(x & 0xFFFFu)));
+  const float theta = (2.0f * uniform_from_half(x >> 16) - 1.0f) * kPi;
+  z_cos = r * cosf(theta);
+  z_sin = r * sinf(theta);
 }
 
-FLATLORA_HD void box_muller(uint32_t x_radius, uint32_t x_angle, float& z0, float& z1) {
-  const float r = sqrtf(-2.0f * logf(uniform_from_bits(x_radius)));
-  const float theta = (2.0f * uniform_from_bits(x_angle) - 1.0f) * kPi;
-  z0 = r * cosf(theta);
-  z1 = r * sinf(theta);
-}
-
-// The four normals Z[row, 4 * quad + l], l = 0..3.
-FLATLORA_HD void normals4(uint64_t seed, uint32_t row, uint32_t quad, float out[4]) {
-  const Words w = philox4x32(quad, row, 0u, 0u, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  box_muller(w.x[0], w.x[1], out[0], out[1]);
-  box_muller(w.x[2], w.x[3], out[2], out[3]);
+// The eight normals Z[row, 8 * call + l], l = 0..7.
+FLATLORA_HD void normals8(uint64_t seed, uint32_t row, uint32_t call, float out[8]) {
+  const Words w = philox4x32(call, row, 0u, 0u, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  for (int p = 0; p < 4; ++p) box_muller(w.x[p], out[2 * p], out[2 * p + 1]);
 }
 
 }  // namespace flatlora

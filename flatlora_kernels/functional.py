@@ -87,8 +87,9 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
     ``noise_offset = (r0, c0)`` its block ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]`` (what a
     tensor-parallel shard whose first element is ``(r0, c0)`` of the logical weight regenerates).
 
-    See :mod:`flatlora_kernels.noise` for the exact definition. This materialises it, with the
-    precise ``ln``/``sin``/``cos``; the training paths never materialise it, and the fused 16-bit
+    See :mod:`flatlora_kernels.noise` for the exact definition: noise contract version
+    ``noise.CONTRACT_VERSION`` (2: eight normals per Philox4x32-10 call from 16-bit uniforms,
+    ``|Z| <= 4.85``). This materialises it, with the precise ``ln``/``sin``/``cos``; the training paths never materialise it, and the fused 16-bit
     GPU kernels evaluate those three with hardware approximations, within
     ``noise.FAST_NOISE_ATOL`` of this.
     """

@@ -18,7 +18,7 @@ import torch
 from flatlora_kernels.native import native_available
 
 ROOT = Path(__file__).resolve().parents[1]
-ENVIRONMENT_KEYS = {"device", "device_type", "torch", "triton", "cuda", "python", "git_commit", "utc"}
+ENVIRONMENT_KEYS = {"device", "device_type", "noise_contract", "torch", "triton", "cuda", "python", "git_commit", "utc"}
 
 
 def read_record(path: Path, benchmark: str) -> dict:

@@ -28,7 +28,7 @@ def test_forward_and_gradients_match_float64(device_backend, lead, n, m, r, dtyp
 
 @pytest.mark.parametrize("with_lora", [True, False])
 @pytest.mark.parametrize("dtype,lora_dtype", DTYPES[:3])
-@pytest.mark.parametrize("offset", [(5, 8), (3, 7)])  # column offset a multiple of 4, and not
+@pytest.mark.parametrize("offset", [(5, 8), (3, 7), (2, 4)])  # column offset a multiple of 8, and not
 def test_a_block_at_a_noise_offset_is_perturbed_as_that_block_of_the_whole(device_backend, offset, dtype, lora_dtype,
                                                                           with_lora):
     """A tensor-parallel shard: the op on a block of the weight with ``noise_offset`` equals the float64

@@ -245,6 +245,15 @@ def test_torch_compile_without_graph_breaks():
     torch.testing.assert_close(out, model(pixel_values=pixels).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_state_from_before_contract_v2_is_refused():
+    """States that carry no version were written under contract 1 (four normals per call): other noise."""
+    ctl = apply_flat_lora(peft_family("vit")[0], sigma=0.1, schedule="constant", seed=3)
+    state = ctl.state_dict()
+    assert state["noise_contract"] == fk.noise.CONTRACT_VERSION == 2
+    with pytest.raises(ValueError, match="noise_contract=1 saved, 2 now"):
+        ctl.load_state_dict({k: v for k, v in state.items() if k != "noise_contract"})
+
+
 def test_config_object_and_keywords_are_the_same_procedure():
     config = fk.FlatLoraConfig(sigma=0.1, schedule="linear", total_steps=6, resample_every=2, seed=9)
     by_config = apply_flat_lora(peft_family("vit")[0], config)

@@ -1,5 +1,7 @@
 """The native C++ ops: the same Philox stream bit for bit, three implementations agreeing, clear errors."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,59 @@ def test_native_noise_is_blocked_like_the_whole():
     for start in (0, _C().block_rows(n) - 2, rows - 4):
         torch.testing.assert_close(z[start:start + 4], contract.reference_noise_block(4, start, start + 4, 0, n),
                                    rtol=0, atol=1e-5)
+
+
+def _float64_terms():
+    h = torch.arange(contract.RADIUS_VALUES, dtype=torch.float64)
+    turns = (h + 0.5) * 2.0**-15 - 1.0
+    return torch.sqrt(-2.0 * torch.log((h + 0.5) * 2.0**-16)), torch.cos(math.pi * turns), torch.sin(math.pi * turns)
+
+
+def test_cpu_generator_terms_exhaustively():
+    """Every radius and every angle the contract has (65,536 each) against float64: the CPU polynomials'
+    errors, and the bound they give on |Z - Z_float64| for every pair (radius, angle)."""
+    ours = _C().box_muller_terms_cpu().double()
+    r64, cos64, sin64 = _float64_terms()
+    r_err = (ours[:, 0] - r64).abs().max().item()
+    trig_err = max((ours[:, 1] - cos64).abs().max().item(), (ours[:, 2] - sin64).abs().max().item())
+    assert r_err < 5e-7 and trig_err < 2e-7, (r_err, trig_err)
+    # |r c - r64 c64| <= |r - r64| |c| + r64 |c - c64|, plus float32 rounding of the product (half an ulp of 4.86).
+    assert r_err * (1 + trig_err) + contract.MAX_ABS_NORMAL * trig_err + 2.0**-22 <= contract.PRECISE_NOISE_ATOL
+
+
+def test_cpu_generator_paths_give_the_same_bits(monkeypatch):
+    """AVX-512, AVX2 and portable paths (those this CPU has) agree bit for bit, also at odd offsets."""
+    reference = None
+    for isa in ("avx512", "avx2", "portable"):
+        monkeypatch.setenv("FLATLORA_CPU_NOISE_ISA", isa)
+        try:
+            assert _C().cpu_noise_isa() == isa
+        except RuntimeError as exc:
+            assert "not an instruction set this CPU has" in str(exc)
+            continue
+        z = (_C().generate_noise_cpu(2**64 - 5 - 2**64, 33, 301, 2**32 - 40, 2**34 - 400), _C().box_muller_terms_cpu())
+        if reference is None:
+            reference = z
+        assert all(torch.equal(a, b) for a, b in zip(z, reference)), isa
+    assert reference is not None
+
+
+def test_native_noise_within_precise_tolerance_of_float64():
+    z = _C().generate_noise_cpu(77, 300, 517, 5, 3).double()
+    z64 = contract.reference_noise_block(77, 5, 305, 3, 520, float64=True)
+    assert (z - z64).abs().max().item() <= contract.PRECISE_NOISE_ATOL
+
+
+def test_native_noise_same_bits_on_any_thread_count():
+    """Rows are shared out in small items across threads: the bits cannot depend on how many."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _C().generate_noise_cpu(9, 257, 1000, 0, 3)
+        torch.set_num_threads(3)
+        assert torch.equal(_C().generate_noise_cpu(9, 257, 1000, 0, 3), one)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _matmul_args(**override):

@@ -1,5 +1,7 @@
 """The noise contract: Philox bits, tile independence, 64-bit indices, statistics, seed checks."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -77,10 +79,11 @@ def test_generate_noise_same_on_every_backend(device_backend, seed, shape):
     torch.testing.assert_close(z.cpu(), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("offset", [(0, 1), (3, 2), (7, 3), (1, 4), (2**31 + 5, 2**33 + 6)])
+@pytest.mark.parametrize("offset", [(0, 1), (3, 2), (7, 3), (1, 4), (2, 5), (4, 6), (5, 7), (6, 8),
+                                    (2**31 + 5, 2**33 + 6), (2**32 - 9, 2**34 - 40)])
 def test_noise_block_at_an_offset_is_that_block_of_the_whole(device_backend, offset):
-    """What a tensor-parallel shard regenerates: every column offset modulo 4 (the Triton path without
-    whole Philox calls), and 64-bit positions."""
+    """What a tensor-parallel shard regenerates: every column offset modulo 8 (blocks that start inside a
+    Philox call), and 64-bit positions."""
     device, _ = device_backend
     seed, (r0, c0), (m, n) = 2**63 + 11, offset, (9, 37)
     z = fk.generate_noise(seed, m, n, device=device, noise_offset=offset)
@@ -92,6 +95,50 @@ def test_noise_block_at_an_offset_is_that_block_of_the_whole(device_backend, off
     torch.testing.assert_close(z.cpu(), expected, rtol=0, atol=1e-5)
 
 
+def _written_definition(seed: int, i: int, j: int) -> float:
+    """Z(seed)[i, j] re-implemented from the docstring of flatlora_kernels.noise, in Python floats."""
+    words = contract.philox4x32(seed, torch.tensor([j >> 3]), torch.tensor([i]))
+    word = int(words[(j & 7) // 2])
+    u_radius = ((word & 0xFFFF) + 0.5) * 2.0**-16
+    turns = ((word >> 16) + 0.5) * 2.0**-15 - 1.0
+    r = math.sqrt(-2.0 * math.log(u_radius))
+    return r * (math.cos(math.pi * turns) if j % 2 == 0 else math.sin(math.pi * turns))
+
+
+def test_reference_follows_the_written_definition():
+    seed, rows, cols = 2**64 - 3, (0, 5, 2**32 - 1), (0, 1, 6, 7, 8, 13, 2**34 - 1)
+    for i in rows:
+        block = contract.reference_noise_block(seed, i, i + 1, 0, 16, float64=True)
+        for j in cols:
+            value = block[0, j] if j < 16 else contract.reference_noise_block(seed, i, i + 1, j, j + 1, float64=True)[0, 0]
+            assert abs(float(value) - _written_definition(seed, i, j)) < 1e-12, (i, j)
+
+
+def test_discretisation_constants():
+    """The documented bound, variance and tolerances, from all 65,536 values of a 16-bit half."""
+    h = torch.arange(contract.RADIUS_VALUES, dtype=torch.float64)
+    u = (h + 0.5) * 2.0**-16
+    assert contract.CONTRACT_VERSION == 2 and contract.NORMALS_PER_CALL == 8
+    assert abs(contract.MAX_ABS_NORMAL - math.sqrt(-2.0 * math.log(u[0].item()))) < 1e-15
+    assert abs(contract.MAX_ABS_NORMAL - 4.8546) < 1e-4
+    # Variance = E[r^2] E[cos^2] with E[cos^2] = 1/2 over the 65,536 equally spaced angles.
+    turns = (h + 0.5) * 2.0**-15 - 1.0
+    assert abs((torch.cos(math.pi * turns) ** 2).mean().item() - 0.5) < 1e-15
+    variance = math.fsum((-torch.log(u)).tolist()) / contract.RADIUS_VALUES
+    assert abs(variance - contract.NOISE_VARIANCE) < 1e-13
+    assert abs((1.0 - contract.NOISE_VARIANCE) - 5.288e-6) < 1e-9
+    # Mass of N(0, 1) beyond the bound: ~1.21e-6.
+    assert abs(2 * scipy.stats.norm.sf(contract.MAX_ABS_NORMAL) - 1.206e-6) < 1e-9
+
+
+def test_float32_reference_within_precise_tolerance_of_float64():
+    for seed, offset in ((1, (0, 0)), (2**64 - 1, (2**32 - 200, 2**34 - 700))):
+        r0, c0 = offset
+        z32 = contract.reference_noise_block(seed, r0, r0 + 200, c0, c0 + 517).double()
+        z64 = contract.reference_noise_block(seed, r0, r0 + 200, c0, c0 + 517, float64=True)
+        assert (z32 - z64).abs().max().item() <= contract.PRECISE_NOISE_ATOL
+
+
 @pytest.mark.parametrize("offset,error", [((-1, 0), ValueError), ((0, 2**34), ValueError), ((2**32, 0), ValueError),
                                           ((0.5, 0), ValueError), (3, TypeError)])
 def test_noise_offsets_outside_the_index_space_are_refused(offset, error):
@@ -99,32 +146,36 @@ def test_noise_offsets_outside_the_index_space_are_refused(offset, error):
         fk.generate_noise(1, 2, 3, noise_offset=offset)
 
 
-@pytest.mark.parametrize("blocks", [(16, 4), (16, 16), (32, 64), (64, 128)])
-def test_noise_does_not_depend_on_tiles(blocks):
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 64), (64, 128)])
+@pytest.mark.parametrize("col_offset", [0, 3])
+def test_noise_does_not_depend_on_tiles(blocks, col_offset):
     if fk.backends.triton_unavailable_reason(torch.device("cpu")):
         pytest.skip("needs the Triton interpreter")
-    z = generate_noise_triton(99, 41, 70, "cpu", block_m=blocks[0], block_n=blocks[1])
-    base = generate_noise_triton(99, 41, 70, "cpu", block_m=16, block_n=8)
+    offset = (0, col_offset)
+    z = generate_noise_triton(99, 41, 70, "cpu", block_m=blocks[0], block_n=blocks[1], offset=offset)
+    base = generate_noise_triton(99, 41, 70, "cpu", block_m=16, block_n=8, offset=offset)
     assert torch.equal(z, base)
 
 
 @triton.jit
-def _noise_block_kernel(out_ptr, row_start, col_start, seed_lo, seed_hi, R: tl.constexpr, C: tl.constexpr):
+def _noise_block_kernel(out_ptr, row_start, col_start, seed_lo, seed_hi, R: tl.constexpr, C: tl.constexpr,
+                        COLS_ALIGNED: tl.constexpr):
     rows = row_start + tl.arange(0, R).to(tl.int64)
-    z = gaussian_tile(seed_lo, seed_hi, rows, col_start, C)
+    z = gaussian_tile(seed_lo, seed_hi, rows, col_start, C, COLS_ALIGNED=COLS_ALIGNED)
     tl.store(out_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], z)
 
 
-@pytest.mark.parametrize("row_start,col_start", [(0, 0), (2**31 - 3, 2**31 + 4), (2**32 - 4, 2**34 - 16),
-                                                 (600_000, 4096 * 3)])
+@pytest.mark.parametrize("row_start,col_start", [(0, 0), (2**31 - 3, 2**31 + 8), (2**32 - 4, 2**34 - 16),
+                                                 (600_000, 4096 * 3), (2**31 + 1, 2**33 + 5), (7, 2**34 - 19)])
 def test_noise_at_64bit_indices(row_start, col_start):
-    """Rows and columns whose flat index i*n + j passes 2**31 (embedding-sized and larger)."""
+    """Rows and columns whose flat index i*n + j passes 2**31 (embedding-sized and larger); column starts
+    that are not multiples of 8 take the per-element path."""
     if fk.backends.triton_unavailable_reason(torch.device("cpu")):
         pytest.skip("needs the Triton interpreter")
     seed = 2**40 + 7
     out = torch.empty(4, 16)
     lo, hi = contract.split_seed(seed)
-    _noise_block_kernel[(1,)](out, row_start, col_start, lo, hi, R=4, C=16)
+    _noise_block_kernel[(1,)](out, row_start, col_start, lo, hi, R=4, C=16, COLS_ALIGNED=col_start % 8 == 0)
     expected = contract.reference_noise_block(seed, row_start, row_start + 4, col_start, col_start + 16)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     # A block is a slice of the whole matrix: check the reference itself against a full build.
@@ -142,20 +193,32 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return (((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())).item()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+STATISTICS_SEED = 12345
+
+
+def _statistics_draw(backend: str, seed: int, m: int, n: int) -> torch.Tensor:
+    if backend == "triton":  # large tiles keep the interpreter fast; tiles do not change Z
+        return generate_noise_triton(seed, m, n, "cpu", block_m=128, block_n=512).double()
+    if backend == "native":
+        return fk.native.generate_noise_native(seed, m, n, "cpu").double()
+    return contract.reference_noise(seed, m, n).double()
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 def test_noise_statistics(backend):
+    """>10^6 draws: moments to the 4th, KS, tails beyond 3 and 4 sigma, the bound, and correlations of
+    neighbouring elements, lanes of a call, rows, seeds and layers. Limits are 5 standard errors."""
     if backend == "triton" and fk.backends.triton_unavailable_reason(torch.device("cpu")):
         pytest.skip("needs the Triton interpreter")
-    m, n = 1000, 1003  # > 10**6 draws, n not a multiple of 4
-    if backend == "triton":  # large tiles keep the interpreter fast; tiles do not change Z
-        z = generate_noise_triton(12345, m, n, "cpu", block_m=128, block_n=512).double()
-    else:
-        z = contract.reference_noise(12345, m, n).double()
+    if backend == "native" and not fk.native.native_available():
+        pytest.skip("native extension not built")
+    m, n = 1000, 1003  # > 10**6 draws, n not a multiple of 8
+    z = _statistics_draw(backend, STATISTICS_SEED, m, n)
     count = z.numel()
     five_se = 5.0 / count**0.5
     assert abs(z.mean().item()) < five_se
-    assert abs(z.var().item() - 1.0) < 5.0 * (2.0 / count) ** 0.5
-    assert z.abs().max().item() <= contract.MAX_ABS_NORMAL + 1e-5
+    assert abs(z.var().item() - contract.NOISE_VARIANCE) < 5.0 * (2.0 / count) ** 0.5
+    assert z.abs().max().item() <= contract.MAX_ABS_NORMAL + contract.PRECISE_NOISE_ATOL
     # Third and fourth moments (skewness 0, kurtosis 3) and the tails beyond 3 and 4 sigma.
     assert abs((z**3).mean().item()) < 5.0 * (15.0 / count) ** 0.5
     assert abs((z**4).mean().item() - 3.0) < 5.0 * (96.0 / count) ** 0.5
@@ -165,17 +228,20 @@ def test_noise_statistics(backend):
         assert abs(observed - p) < 5.0 * (p * (1 - p) / count) ** 0.5, f"tail beyond {k} sigma: {observed} vs {p}"
     ks = scipy.stats.kstest(z.flatten().numpy(), "norm")
     assert ks.pvalue > 1e-4, f"KS test rejects N(0,1): D={ks.statistic:.2e}, p={ks.pvalue:.2e}"
-    # Neighbouring rows, neighbouring columns (inside and across Philox calls), other seeds
-    # (consecutive seeds are how layers and steps differ), all uncorrelated.
-    five_se_pairs = 5.0 / (m * (n - 4)) ** 0.5
+    # Neighbouring rows, neighbouring columns (inside a call and across calls), each lane of a call
+    # against the next, other seeds (consecutive seeds, 2**32 apart) and neighbouring layers' seeds.
     assert abs(_corr(z[1:], z[:-1])) < five_se
-    for lag in (1, 2, 3, 4):
+    for lag in range(1, 9):
         assert abs(_corr(z[:, lag:], z[:, :-lag])) < five_se, f"column lag {lag}"
-    for lane in range(4):  # one lane against the next inside the same Philox call
-        cols = torch.arange(lane, n - 3, 4)
-        assert abs(_corr(z[:, cols], z[:, cols + 1])) < 5.0 / (m * len(cols)) ** 0.5 + five_se_pairs
-    for other_seed in (12346, 12345 + 2**32, 0):
-        assert abs(_corr(z, fk.generate_noise(other_seed, m, n).double())) < five_se
+    for lane in range(8):
+        cols = torch.arange(lane, n - 1, 8)
+        assert abs(_corr(z[:, cols], z[:, cols + 1])) < 5.0 / (m * len(cols)) ** 0.5, f"lane {lane}"
+    # (Z does not depend on the backend, so the other draws come from the default one.)
+    layer_seeds = [contract.layer_seed(STATISTICS_SEED, 0, layer, 0) for layer in (0, 1)]
+    pairs = [(z, seed) for seed in (STATISTICS_SEED + 1, STATISTICS_SEED + 2**32, 0)]
+    pairs.append((fk.generate_noise(layer_seeds[0], m, n).double(), layer_seeds[1]))
+    for base, other_seed in pairs:
+        assert abs(_corr(base, fk.generate_noise(other_seed, m, n))) < five_se, f"seed {other_seed}"
 
 
 def test_same_seed_same_bits_other_seed_other_bits():

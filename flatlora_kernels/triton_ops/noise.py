@@ -42,18 +42,15 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _uniform_plus_one(x):
-    """uint32 -> ``1 + u`` with ``u = ((x >> 9) + 0.5) * 2**-23`` rounded down to the float32 grid
-    of [1, 2): the top 23 bits become the mantissa of a float in [1, 2) (no int-to-float conversion,
-    which runs at a quarter of the integer rate on Hopper). Callers finish ``u`` exactly."""
-    return ((x >> 9) | 0x3F800000).to(tl.float32, bitcast=True)
+def _uniform(half_bits):
+    """A 16-bit half ``h`` (in the low bits, upper bits zero) -> the exact float32 ``u = (h + 0.5) * 2**-16``.
 
-
-@triton.jit
-def _uniform(x):
-    """uint32 -> exact float32 in (0, 1) (step 3): ``(1 + k * 2**-23) - (1 - 2**-24)`` is exactly
-    ``(k + 0.5) * 2**-23``, a float32, so the one rounding is exact."""
-    return _uniform_plus_one(x) - 0.99999994039535522461  # 1 - 2**-24
+    ``h | 0x3F800000`` is the float ``1 + h * 2**-23`` (one integer op: no int-to-float conversion,
+    which runs at a quarter of the integer rate on Hopper), and ``128 v - (128 - 2**-17)`` is exactly
+    u: the product is exact, the constant is a float32, and the result is representable, so the one
+    rounding of the FMA (or the two of a separate multiply and add) changes nothing.
+    """
+    return tl.fma((half_bits | 0x3F800000).to(tl.float32, bitcast=True), 128.0, -127.99999237060547)
 
 
 @triton.jit
@@ -64,21 +61,26 @@ def _approx(x, INSTRUCTION: tl.constexpr):
 
 
 @triton.jit
-def _box_muller(x_radius, x_angle, FAST_MATH: tl.constexpr):
-    """Two uint32 words -> two standard normals (step 4).
+def _box_muller(x, FAST_MATH: tl.constexpr):
+    """One uint32 word -> its two standard normals (cos term, sin term), steps 3 and 4.
 
-    ``2u - 1`` is exact, as the contract requires. With ``FAST_MATH`` the logarithm, sine and
-    cosine are the hardware approximations (``lg2/sin/cos.approx.ftz.f32``; theta is already in
-    (-pi, pi), so no range reduction is needed); see ``FAST_NOISE_ATOL`` for how far that moves Z.
+    The radius uses the low half, the angle the high half; ``2u - 1`` and theta are formed exactly as
+    the contract writes them (``fma(u, 2, -1)`` is exact; with ``FAST_MATH`` theta is the single FMA
+    ``fl(2 pi) u - fl(pi)``, whose one rounding gives the same float as ``fl(pi) * (2u - 1)``). With
+    ``FAST_MATH`` the logarithm, sine and cosine are the hardware approximations
+    (``lg2/sin/cos.approx.ftz.f32``; theta is already in (-pi, pi), so no range reduction is
+    needed); see ``FAST_NOISE_ATOL`` for how far that moves Z.
     """
-    theta = (2.0 * _uniform(x_angle) - 1.0) * _PI
+    u = _uniform(x & 0xFFFF)
+    u_angle = _uniform(x >> 16)
     if FAST_MATH:
-        # Near u = 1 the approximate log's absolute error exceeds |log2 u| itself and could make
-        # r**2 negative (sqrt -> NaN): clamp at 0, which moves Z by at most ~6e-4 there.
-        r_squared = _approx(_uniform(x_radius), "lg2.approx.ftz.f32") * -1.3862943611198906  # -2 ln 2
-        r = tl.sqrt(tl.maximum(r_squared, 0.0))
+        theta = tl.fma(u_angle, 2.0 * _PI, -_PI)
+        # u <= 1 - 2**-17, so |log2 u| >= 1.1e-5, far above the approximate lg2's absolute error
+        # (2**-22.6): r**2 stays positive without a clamp.
+        r = tl.sqrt(_approx(u, "lg2.approx.ftz.f32") * -1.3862943611198906)  # -2 ln 2
         return r * _approx(theta, "cos.approx.ftz.f32"), r * _approx(theta, "sin.approx.ftz.f32")
-    r = tl.sqrt(-2.0 * tl.log(_uniform(x_radius)))
+    theta = tl.fma(u_angle, 2.0, -1.0) * _PI
+    r = tl.sqrt(-2.0 * tl.log(u))
     return r * tl.cos(theta), r * tl.sin(theta)
 
 
@@ -89,36 +91,42 @@ def gaussian_tile(seed_lo, seed_hi, rows, col_start, BLOCK_COLS: tl.constexpr, F
 
     ``FAST_MATH`` (GPU only: inline PTX) uses the hardware ``lg2/sin/cos`` approximations.
 
-    With ``COLS_ALIGNED`` (the fast path) ``col_start`` must be a multiple of 4, so that each Philox
-    call fills four adjacent columns (step 2). Without it ``col_start`` may be anything (a
-    tensor-parallel shard whose first column is not a multiple of 4): every element then runs its
-    own Philox call and picks its lane, four times the work for the same values. ``BLOCK_COLS`` is a
-    multiple of 4 either way. Rows and columns past the matrix are generated too (finite values);
-    callers mask them.
+    With ``COLS_ALIGNED`` (the fast path) ``col_start`` must be a multiple of 8, so that each Philox
+    call fills eight adjacent columns (step 2). Without it ``col_start`` may be anything (a
+    tensor-parallel shard whose first column is not a multiple of 8): every element then runs its
+    own Philox call and picks its output, eight times the work for the same values. ``BLOCK_COLS``
+    is a multiple of 8 either way. Rows and columns past the matrix are generated too (finite
+    values); callers mask them.
     """
-    tl.static_assert(BLOCK_COLS % 4 == 0, "noise tiles span whole groups of four columns")
+    tl.static_assert(BLOCK_COLS % 8 == 0, "noise tiles span whole groups of eight columns")
     if COLS_ALIGNED:
-        # An unsigned shift, not a signed division: col_start >= 0 (columns reach 2**34, quads fit 32 bits).
-        quads = (col_start.to(tl.uint64) >> 2).to(tl.uint32) + tl.arange(0, BLOCK_COLS // 4).to(tl.uint32)
-        x0, x1, x2, x3 = _philox_grid(seed_lo, seed_hi, rows, quads)
-        z0, z1 = _box_muller(x0, x1, FAST_MATH)
-        z2, z3 = _box_muller(x2, x3, FAST_MATH)
-        # interleave(interleave(z0, z2), interleave(z1, z3)) puts z_l at column 4q + l.
-        z = tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+        # An unsigned shift, not a signed division: col_start >= 0 (columns reach 2**34, calls fit 32 bits).
+        calls = (col_start.to(tl.uint64) >> 3).to(tl.uint32) + tl.arange(0, BLOCK_COLS // 8).to(tl.uint32)
+        x0, x1, x2, x3 = _philox_grid(seed_lo, seed_hi, rows, calls)
+        c0, s0 = _box_muller(x0, FAST_MATH)
+        c1, s1 = _box_muller(x1, FAST_MATH)
+        c2, s2 = _box_muller(x2, FAST_MATH)
+        c3, s3 = _box_muller(x3, FAST_MATH)
+        # interleave(interleave(t0, t2), interleave(t1, t3)) puts word p's term at 4q + p; the outer
+        # interleave of the cos and sin terms puts them at 8q + 2p and 8q + 2p + 1.
+        cos_terms = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+        sin_terms = tl.interleave(tl.interleave(s0, s2), tl.interleave(s1, s3))
+        z = tl.interleave(cos_terms, sin_terms)
     else:
         cols = col_start + tl.arange(0, BLOCK_COLS)
-        x0, x1, x2, x3 = _philox_grid(seed_lo, seed_hi, rows, (cols // 4).to(tl.uint32))
-        lane = (cols % 4)[None, :]
-        z_cos, z_sin = _box_muller(tl.where(lane < 2, x0, x2), tl.where(lane < 2, x1, x3), FAST_MATH)
-        z = tl.where(lane % 2 == 0, z_cos, z_sin)
+        x0, x1, x2, x3 = _philox_grid(seed_lo, seed_hi, rows, (cols // 8).to(tl.uint32))
+        output = (cols % 8)[None, :]
+        word = tl.where(output < 4, tl.where(output < 2, x0, x1), tl.where(output < 6, x2, x3))
+        z_cos, z_sin = _box_muller(word, FAST_MATH)
+        z = tl.where(output % 2 == 0, z_cos, z_sin)
     return z
 
 
 @triton.jit
-def _philox_grid(seed_lo, seed_hi, rows, quads):
-    """The four Philox words of counter ``(quad, row, 0, 0)`` for every (row, quad) pair: [rows, quads]."""
-    c0 = quads[None, :] + tl.zeros_like(rows).to(tl.uint32)[:, None]
-    c1 = rows.to(tl.uint32)[:, None] + tl.zeros_like(quads)[None, :]
+def _philox_grid(seed_lo, seed_hi, rows, calls):
+    """The four Philox words of counter ``(call, row, 0, 0)`` for every (row, call) pair: [rows, calls]."""
+    c0 = calls[None, :] + tl.zeros_like(rows).to(tl.uint32)[:, None]
+    c1 = rows.to(tl.uint32)[:, None] + tl.zeros_like(calls)[None, :]
     zero = tl.zeros_like(c0)
     k0 = tl.full(c0.shape, 0, tl.uint32) + seed_lo.to(tl.uint32)
     k1 = tl.full(c0.shape, 0, tl.uint32) + seed_hi.to(tl.uint32)
@@ -140,7 +148,8 @@ def _write_noise_kernel(out_ptr, M, N, stride_om, stride_on, seed_lo, seed_hi, r
 def generate_noise_triton(seed: int, m: int, n: int, device, *, offset: tuple[int, int] = (0, 0),
                           block_m: int | None = None, block_n: int | None = None, out: torch.Tensor | None = None,
                           fast_math: bool = False) -> torch.Tensor:
-    """Materialise ``Z(seed)[r0 : r0 + m, c0 : c0 + n]`` with ``(r0, c0) = offset`` (tile sizes are free).
+    """Materialise ``Z(seed)[r0 : r0 + m, c0 : c0 + n]`` with ``(r0, c0) = offset`` (tile sizes are free,
+    ``block_n`` a multiple of 8).
 
     ``fast_math`` (GPU only) writes the Z the 16-bit matmul kernels use: hardware lg2/sin/cos,
     within ``noise.FAST_NOISE_ATOL`` of the precise Z.
@@ -155,5 +164,5 @@ def generate_noise_triton(seed: int, m: int, n: int, device, *, offset: tuple[in
         grid = (cdiv(m, block_m), cdiv(n, block_n))
         _write_noise_kernel[grid](out, m, n, out.stride(0), out.stride(1), seed_lo, seed_hi, row_offset, col_offset,
                                   BLOCK_M=block_m, BLOCK_N=block_n, FAST_MATH=fast_math,
-                                  COLS_ALIGNED=col_offset % 4 == 0)
+                                  COLS_ALIGNED=col_offset % contract.NORMALS_PER_CALL == 0)
     return out

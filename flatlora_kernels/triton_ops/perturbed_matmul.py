@@ -137,7 +137,7 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
     unused tile, past K)."""
     if HAS_NOISE:
         if NOISE_COLS_ALIGNED:
-            noise_col_offset = tl.multiple_of(noise_col_offset, 4)
+            noise_col_offset = tl.multiple_of(noise_col_offset, 8)
         # Z is indexed from where W starts in the logical weight; rows are formed in uint32 (the
         # contract's counter word; i < 2**32).
         w_rows = offs_n if W_ROWS_ARE_N else tl.arange(0, BLOCK_K)
@@ -295,7 +295,8 @@ def launch_fused(call: PerturbedMatmul, config: dict, *, out: torch.Tensor | Non
         **matmul_constexprs(call.out_dtype, forward=call.transpose_weight, blocks=blocks, weight_tile=weight_tile,
                             has_noise=row_std is not None, has_bias=bias is not None,
                             has_lora=call.lora_hidden is not None, has_keep=call.dropout_keep is not None, rank=rank,
-                            noise_cols_aligned=noise_col_offset % 4 == 0, fp32_precision=fp32_dot_precision()),
+                            noise_cols_aligned=noise_col_offset % contract.NORMALS_PER_CALL == 0,
+                            fp32_precision=fp32_dot_precision()),
         **options,
     )
     return out
