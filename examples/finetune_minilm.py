@@ -135,16 +135,21 @@ def frozen_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def evaluate(model, tokenizer, data, device, batch_size=256):
+def predict(model, tokenizer, texts, device, batch_size=256) -> torch.Tensor:
+    """The model's outputs for ``texts`` (in eval mode, then back to training mode), on the CPU in fp32."""
     model.eval()
     preds = []
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            texts = [t for t, _ in data[start:start + batch_size]]
-            enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, return_tensors="pt").to(device)
             preds.append(model(enc["input_ids"], enc["attention_mask"]).float().cpu())
     model.train()
-    pred = torch.cat(preds)
+    return torch.cat(preds)
+
+
+def evaluate(model, tokenizer, data, device, batch_size=256):
+    """(MSE, Pearson r) of the predictions for (text, target) ``data``."""
+    pred = predict(model, tokenizer, [t for t, _ in data], device, batch_size)
     target = torch.tensor([y for _, y in data])
     mse = torch.mean((pred - target) ** 2).item()
     pearson = torch.corrcoef(torch.stack([pred, target]))[0, 1].item()
