@@ -27,6 +27,7 @@ and a figure next to it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing as mp
 import statistics
@@ -86,6 +87,12 @@ PRESETS = {
     "tiny": Preset(steps=2, seeds=1, grid_steps=1, small_fraction=0.1, eval_entries=16, flatness_entries=8,
                    flatness_seeds=1, eigen_iters=1, noise_samples=1, isolate_memory=False),
 }
+
+
+def committed_choices() -> dict:
+    """Each method's sigma/rho as chosen on the validation split by the committed full run."""
+    record = json.loads((ROOT / "benchmarks" / "results" / "compare-methods" / "compare-methods.json").read_text())
+    return record["config"]["chosen"]
 
 
 def splits(small_fraction: float):
@@ -174,7 +181,7 @@ def train_loop(model, tokenizer, method, controller, data, steps: int, batch_siz
             if advancing is not None:
                 advancing.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, float(loss.detach()))
     return time.perf_counter() - start
 
 

@@ -16,8 +16,9 @@ the mean of each rater group (men/women, younger/older, lower/higher education):
 Splits, by a hash of the word alone, so the same word falls in the same split in every task:
 ``test`` when ``crc32(word) % 5 == 0`` (the main job's rule, ``examples/finetune_minilm.py``), else
 ``validation`` when ``adler32(word) % 10 == 0`` (``benchmarks/compare_methods.py``'s rule), else
-``train``: about 72/8/20 %. VADER's split here is exactly the main job's. Words are matched across
-tasks as they are written (all lexicons are lower case).
+``train``: about 72/8/20 %. VADER's split here is exactly the main job's (its 14 entries listed twice
+with two ratings are one word here, with the mean rating). Words are matched across tasks as they are
+written (all lexicons are lower case).
 
 The lexicon packages are optional: ``pip install 'flatlora-kernels[experiments]'``; a task whose
 package is missing raises ``ModuleNotFoundError`` naming it.
@@ -96,9 +97,12 @@ def vader_valence() -> Task:
     package_file("vaderSentiment", "vadersentiment", "vader_lexicon.txt", "vader_valence")
     import finetune_minilm as job  # the main job's loader: (text, rating / 4)
 
-    train, test = job.load_lexicon()
+    ratings: dict[str, list[float]] = {}
+    for text, rating in sum(job.load_lexicon(), []):
+        ratings.setdefault(text, []).append(rating)
+    # 14 entries are listed twice with different ratings (e.g. "lol", "d:"): a word is one entry, their mean
     return Task("vader_valence", "regression", ("valence",), (-4.0, 4.0), "vadersentiment: vader_lexicon.txt",
-                dict(train + test))
+                {text: sum(values) / len(values) for text, values in ratings.items()})
 
 
 def warriner(dimension: str) -> Task:

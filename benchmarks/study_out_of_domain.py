@@ -42,9 +42,10 @@ from common import RESULTS, write_record  # noqa: E402
 
 job = cm.job
 METHODS = ("lora", "flat_lora", "merged_sam", "rwp_merged")
-# method -> (hyper-parameter, validation grid spanning the paper's sigma range 0.01-0.20)
-GRID = {"lora": (None, [None]), "flat_lora": ("sigma", [0.01, 0.05, 0.10, 0.20]),
-        "merged_sam": ("rho", [0.005, 0.01, 0.05]), "rwp_merged": ("sigma", [0.01, 0.05, 0.10, 0.20])}
+# method -> (hyper-parameter, validation grid: sigma spans the paper's range 0.01-0.20; merged SAM's rho is
+# the one compare_methods' validation grid chose on the same split, to keep the run within the CPU budget)
+GRID = {"lora": (None, [None]), "flat_lora": ("sigma", [0.01, 0.05, 0.20]),
+        "merged_sam": ("rho", [cm.committed_choices()["merged_sam"]]), "rwp_merged": ("sigma", [0.01, 0.05, 0.20])}
 OUT_OF_DOMAIN = ("warriner_valence", "labmt_happiness", "afinn_valence")
 
 
@@ -65,8 +66,8 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset(steps=60, seeds=5, grid_steps=60, small_fractions=(0.1, 0.03), small_steps=120, small_seeds=2,
-                   curve_every=20, curve_entries=256, eval_entries=400, ood_entries=500, batch=16),
+    "full": Preset(steps=30, seeds=5, grid_steps=30, small_fractions=(0.1, 0.03), small_steps=60, small_seeds=1,
+                   curve_every=15, curve_entries=128, eval_entries=300, ood_entries=400, batch=16),
     "tiny": Preset(steps=2, seeds=2, grid_steps=1, small_fractions=(0.1, 0.03), small_steps=4, small_seeds=1,
                    curve_every=2, curve_entries=8, eval_entries=16, ood_entries=16, batch=4,
                    grid_ends_only=True),
@@ -142,16 +143,12 @@ def run(name, value, seed, data, steps, args, preset, evaluation, curve_data=Non
                          on_step=on_step)
     row = {"method": name, "value": value, "seed": seed, "steps": steps, "train_size": len(data), "wall_s": wall}
     if evaluation is None:  # a grid run: validation MSE only
-        row["validation_mse"], _ = job.evaluate(model, tokenizer, data_of(args, "validation"), torch.device("cpu"))
+        row["validation_mse"], _ = job.evaluate(model, tokenizer, args.validation, torch.device("cpu"))
     else:
         row.update(score(model, tokenizer, *evaluation))
     if curve:
         row["curve"] = curve
     return row
-
-
-def data_of(args, part):
-    return args.splits[part]
 
 
 def mean_std(values):
@@ -259,24 +256,24 @@ def main(argv=None) -> None:
     clock = time.perf_counter()
     fit, val, _, test = cm.splits(0.1)
     small = {f"{round(100 * f)}%": cm.splits(f)[2] for f in preset.small_fractions}
-    args.splits = {"validation": val[:preset.eval_entries]}
+    args.validation = val[:preset.eval_entries]
     vader_test = random.Random("vader").sample(test, min(preset.eval_entries, len(test)))
     sets, groups = out_of_domain_sets(preset)
     evaluation = (vader_test, sets, groups)
-    print(f"VADER fit {len(fit)} / validation {len(args.splits['validation'])} / test {len(vader_test)}; small "
+    print(f"VADER fit {len(fit)} / validation {len(args.validation)} / test {len(vader_test)}; small "
           + ", ".join(f"{k} {len(v)}" for k, v in small.items()) + "; out of domain "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), flush=True)
 
     grid_rows = []
     for name in METHODS:
         hyper, values = GRID[name]
-        values = [values[0], values[-1]] if preset.grid_ends_only else values
-        for value in values if hyper else []:
+        values = values[:1] + values[-1:] if preset.grid_ends_only and len(values) > 1 else values
+        for value in values if hyper and len(values) > 1 else []:
             row = run(name, value, 0, fit, preset.grid_steps, args, preset, None)
             grid_rows.append(row)
             print(f"grid {name} {hyper}={value}: validation MSE {row['validation_mse']:.4f} ({row['wall_s']:.0f} s)",
                   flush=True)
-    chosen = {"lora": None}
+    chosen = {name: values[0] for name, (_, values) in GRID.items()}
     for row in grid_rows:
         best = min((r for r in grid_rows if r["method"] == row["method"]), key=lambda r: r["validation_mse"])
         chosen[row["method"]] = best["value"]
@@ -300,7 +297,7 @@ def main(argv=None) -> None:
               "lr": args.lr, "rank": args.rank, "grid": {k: v[1] for k, v in GRID.items()},
               "grid_steps": preset.grid_steps, "chosen": chosen, "small_steps": preset.small_steps,
               "small_seeds": preset.small_seeds, "threads": args.threads,
-              "sizes": {"fit": len(fit), "validation": len(args.splits["validation"]), "vader_test": len(vader_test),
+              "sizes": {"fit": len(fit), "validation": len(args.validation), "vader_test": len(vader_test),
                         **{f"small_{k}": len(v) for k, v in small.items()},
                         **{f"ood_{k}": len(v) for k, v in sets.items()}, **{f"group_{k}": len(v) for k, v in groups.items()}},
               "total_wall_s": time.perf_counter() - clock}

@@ -107,11 +107,14 @@ class Regressor(torch.nn.Module):
         self.encoder = encoder
         self.head = torch.nn.Linear(hidden, 1)
 
-    def forward(self, input_ids, attention_mask):
+    def pooled(self, input_ids, attention_mask):
+        """The encoder's token states averaged over the real (unpadded) tokens."""
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1)
-        return self.head(pooled).squeeze(-1)
+        return (states * mask).sum(1) / mask.sum(1)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.pooled(input_ids, attention_mask)).squeeze(-1)
 
 
 def build(seed: int, rank: int):
