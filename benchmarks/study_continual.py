@@ -27,7 +27,6 @@ Writes ``<out-dir>/continual[-tiny].json``, a Markdown table and figures next to
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -43,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare_methods as cm  # noqa: E402  (the methods, the training loop, the main job)
 import lexicon_tasks as lexicons  # noqa: E402
 from common import RESULTS, write_record  # noqa: E402
-from study_out_of_domain import mean_std, ranks  # noqa: E402
+from study_out_of_domain import mean_std, pyplot, ranks, save, study_parser  # noqa: E402
 
 job = cm.job
 TASKS = ("warriner_valence", "warriner_arousal", "warriner_dominance", "nrc_emotion")
@@ -346,10 +345,7 @@ def markdown(summary: dict, config: dict) -> str:
 
 
 def figures(summary: dict, stem: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sequences = summary["sequential"]
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.6), sharey=False)
@@ -362,9 +358,7 @@ def figures(summary: dict, stem: Path) -> None:
         ax.set_title(SHORT[task])
         ax.set_xlabel("after stage")
     axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(f"{stem}-matrix.png", dpi=110)
-    plt.close(fig)
+    save(fig, f"{stem}-matrix.png")
 
     measured = [e for e in sequences if "sharpness" in e]
     if measured:
@@ -377,17 +371,11 @@ def figures(summary: dict, stem: Path) -> None:
             ax.set_title(key.replace("_", " "))
             ax.set_xlabel("stage (0 = base model)")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(f"{stem}-sharpness.png", dpi=110)
-        plt.close(fig)
+        save(fig, f"{stem}-sharpness.png")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS / "continual")
-    args = parser.parse_args(argv)
+    args = study_parser(__doc__, PRESETS, RESULTS / "continual").parse_args(argv)
     preset = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
     clock = time.perf_counter()

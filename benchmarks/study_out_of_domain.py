@@ -201,11 +201,24 @@ def markdown(summary: list[dict], config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figures(summary: list[dict], rows: list[dict], stem: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def figures(summary: list[dict], rows: list[dict], stem: Path) -> None:
+    plt = pyplot()
 
     regimes = list(dict.fromkeys(e["regime"] for e in summary))
     fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4), squeeze=False)
@@ -221,9 +234,7 @@ def figures(summary: list[dict], rows: list[dict], stem: Path) -> None:
         ax.set_title(f"Pearson r, {regime}")
         ax.set_ylim(bottom=max(0.0, min(e[k][0] for e in entries for k in keys) - 0.1))
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(f"{stem}-correlations.png", dpi=110)
-    plt.close(fig)
+    save(fig, f"{stem}-correlations.png")
 
     curved = [r for r in rows if "curve" in r]
     small = list(dict.fromkeys(r["regime"] for r in curved))
@@ -238,18 +249,22 @@ def figures(summary: list[dict], rows: list[dict], stem: Path) -> None:
         ax.set_title(f"{regime}: held-out MSE (solid) and training loss (dotted)")
         ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(f"{stem}-curves.png", dpi=110)
-    plt.close(fig)
+    save(fig, f"{stem}-curves.png")
+
+
+def study_parser(doc: str, presets, out_dir: Path) -> argparse.ArgumentParser:
+    """The options both studies share: the preset, CPU threads, where results go."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(presets), default="full")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out-dir", type=Path, default=out_dir)
+    return parser
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser = study_parser(__doc__, PRESETS, RESULTS / "out-of-domain")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS / "out-of-domain")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     torch.set_num_threads(args.threads)
