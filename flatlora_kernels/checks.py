@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 
 def _number(name: str, value: object, what: str) -> float:
@@ -81,3 +82,18 @@ def resumed_step(owner: str, saved: dict, current: dict) -> int:
         if key in saved and saved[key] != current[key]:
             raise ValueError(f"{owner} state was saved with {key}={saved[key]!r}, this run has {current[key]!r}")
     return nonnegative_int("step", saved["step"])
+
+
+def renamed_argument(function: str, deprecated: dict, old: str, new: str, value: object, default: object) -> object:
+    """The value of a keyword argument renamed from ``old`` to ``new`` (``value``, whose default is ``default``):
+    ``deprecated`` holds the extra keywords a call passed; ``old`` still works for one release, with a
+    ``DeprecationWarning``; both at once is an error."""
+    unknown = deprecated.keys() - {old}
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword arguments {sorted(unknown)}")
+    if old not in deprecated:
+        return value
+    if value != default:
+        raise TypeError(f"{function}() got both {old}= (deprecated) and {new}=: pass {new}= only")
+    warnings.warn(f"{function}(..., {old}=) is deprecated: use {new}=", DeprecationWarning, stacklevel=3)
+    return deprecated[old]

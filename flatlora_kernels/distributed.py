@@ -147,3 +147,56 @@ def check_seed_shared_across_shards(seed: int, weight: torch.Tensor, layer: str)
                              "noise seeds, so their blocks would belong to different perturbations; a "
                              "tensor-parallel model needs one sample per layer: apply_flat_lora(..., "
                              "per_rank_noise=False)")
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    """True for a parameter partitioned by DeepSpeed ZeRO-3 (it carries ``ds_tensor``, its flat local
+    partition, and ``ds_shape``; outside a forward its ``data`` is an empty tensor)."""
+    return getattr(param, "ds_tensor", None) is not None and hasattr(param, "ds_shape")
+
+
+def _zero3_gathered(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole copies of small ZeRO-3 parameters (the LoRA factors), gathered on every rank (a collective)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return [p.detach().clone() for p in params]
+
+
+def zero3_merged_row_norms(weight: torch.Tensor, fan_in_fan_out: bool, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                           scaling: float, chunk: int = 1 << 20) -> torch.Tensor:
+    """``||W_i + s·B_i A||_2`` for every row of a ZeRO-3 partitioned base weight, without gathering ``W``.
+
+    Each rank holds a flat, padded slice ``[start, start + partition)`` of the stored matrix (row-major
+    ``ds_shape``; GPT-2's ``Conv1D`` stores the logical matrix transposed). It adds the squares of its
+    elements of ``W + s·BA`` into per-row sums by flat offset (``chunk`` elements at a time, so the
+    temporaries stay bounded), and one all-reduce of ``m`` floats over the parameter's process group
+    gives the norms on every rank. The LoRA factors (``r·(m + n)`` elements) are gathered whole.
+    A collective: every rank must call it, in the same order. Returns a float32 ``(m,)`` tensor.
+    """
+    partition = weight.ds_tensor
+    if getattr(partition, "final_location", None) is not None:  # DeepSpeed sets it for NVMe offload only
+        raise NotImplementedError(f"ZeRO-3 weights offloaded to {partition.final_location} are not supported "
+                                  "by the Flat-LoRA filter norms (device memory and CPU offload are)")
+    if hasattr(partition, "ds_quant_scale"):
+        raise NotImplementedError("ZeRO++ quantized frozen weights (zero_quantized_nontrainable_weights) are not "
+                                  "supported by the Flat-LoRA filter norms")
+    lora_A, lora_B = [t.float() for t in _zero3_gathered([lora_A, lora_B])]
+    stored_rows, stored_cols = (int(d) for d in weight.ds_shape)
+    m = stored_cols if fan_in_fan_out else stored_rows
+    group = weight.ds_process_group
+    numel = stored_rows * stored_cols
+    start = partition.ds_numel * torch.distributed.get_rank(group=group)
+    stop = min(start + partition.ds_numel, numel)  # the last rank's partition is padded
+    device = partition.device
+    lora_A, lora_B = lora_A.to(device), lora_B.to(device)
+    sums = torch.zeros(m, dtype=torch.float32, device=device)
+    for first in range(start, stop, chunk):
+        flat = torch.arange(first, min(first + chunk, stop), device=device)
+        stored_row, stored_col = flat // stored_cols, flat % stored_cols
+        rows, cols = (stored_col, stored_row) if fan_in_fan_out else (stored_row, stored_col)
+        merged = partition[first - start:first - start + flat.numel()].float()
+        merged = merged + scaling * (lora_B[rows] * lora_A[:, cols].t()).sum(1)
+        sums.index_add_(0, rows, merged.square())
+    torch.distributed.all_reduce(sums, group=group)
+    return sums.sqrt_()

@@ -9,6 +9,7 @@ import torch
 from . import checks
 from .backends import get_backend
 from .distributed import is_dtensor, sharded_merged_row_norms
+from .matmul_call import PerturbedMatmul
 from .noise import check_seed, seed_from_int64, seed_to_int64
 from .quant4bit import PackedWeight4bit
 
@@ -57,6 +58,11 @@ def check_row_std(row_std: torch.Tensor, weight: torch.Tensor) -> None:
                          f"got {row_std.dtype} {tuple(row_std.shape)}")
     if row_std.device != weight.device:
         raise ValueError(f"row_std is on {row_std.device} but weight is on {weight.device}")
+    check_row_std_values(row_std)
+
+
+def check_row_std_values(row_std: torch.Tensor) -> None:
+    """The values of ``c`` must be finite and >= 0 (this reads them)."""
     if not bool(torch.isfinite(row_std).all()) or bool((row_std < 0).any()):
         raise ValueError("row_std must hold finite values >= 0 (got NaN, inf or a negative entry)")
 
@@ -75,9 +81,9 @@ def check_noise_offset(offset: tuple[int, int], rows: int, cols: int) -> tuple[i
 
 
 def generate_noise(seed: int, out_features: int, in_features: int, *, device=None,
-                   offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                   noise_offset: tuple[int, int] = (0, 0), **deprecated) -> torch.Tensor:
     """The float32 ``(out_features, in_features)`` matrix ``Z(seed)`` that the kernels regenerate, or with
-    ``offset = (r0, c0)`` its block ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]`` (what a
+    ``noise_offset = (r0, c0)`` its block ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]`` (what a
     tensor-parallel shard whose first element is ``(r0, c0)`` of the logical weight regenerates).
 
     See :mod:`flatlora_kernels.noise` for the exact definition. This materialises it, with the
@@ -85,10 +91,12 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
     GPU kernels evaluate those three with hardware approximations, within
     ``noise.FAST_NOISE_ATOL`` of this.
     """
+    noise_offset = checks.renamed_argument("generate_noise", deprecated, "offset", "noise_offset",
+                                           noise_offset, (0, 0))
     check_seed(seed)
     out_features = checks.nonnegative_int("out_features", out_features)
     in_features = checks.nonnegative_int("in_features", in_features)
-    offset = check_noise_offset(offset, out_features, in_features)
+    offset = check_noise_offset(noise_offset, out_features, in_features)
     device = torch.device("cpu" if device is None else device)
     return get_backend(device).noise(seed, out_features, in_features, device, offset=offset)
 
@@ -118,35 +126,41 @@ def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tens
 @torch.library.custom_op("flatlora::perturbed_matmul", mutates_args=())
 def perturbed_matmul_op(
     a: torch.Tensor, weight: torch.Tensor, transpose_weight: bool, seed: int, row_std: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], lora_left: Optional[torch.Tensor], lora_right: Optional[torch.Tensor],
-    scaling: float, keep: Optional[torch.Tensor], keep_scale: float, out_dtype: torch.dtype,
-    noise_row_offset: int, noise_col_offset: int,
+    out_dtype: torch.dtype, bias: Optional[torch.Tensor], lora_hidden: Optional[torch.Tensor],
+    lora_out_factor: Optional[torch.Tensor], scaling: float, dropout_keep: Optional[torch.Tensor],
+    keep_scale: float, noise_row_offset: int, noise_col_offset: int,
 ) -> torch.Tensor:
-    """The registered operator behind the layer: one opaque node for ``torch.compile``; it runs the
-    selected backend (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`)."""
-    return get_backend(a.device).perturbed_matmul(
-        a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
-        lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
-        out_dtype=out_dtype, noise_offset=(noise_row_offset, noise_col_offset))
+    """The registered operator behind the layer: one opaque node for ``torch.compile``. Its arguments are
+    the fields of :class:`~flatlora_kernels.matmul_call.PerturbedMatmul` in order (an operator takes
+    tensors and scalars: the seed as a signed int64, the noise offset as two ints); it runs the
+    selected backend on that call."""
+    call = _call_from_op_arguments(a, weight, transpose_weight, seed, row_std, out_dtype, bias, lora_hidden,
+                                   lora_out_factor, scaling, dropout_keep, keep_scale, noise_row_offset,
+                                   noise_col_offset)
+    return get_backend(a.device).perturbed_matmul(call)
+
+
+def _call_from_op_arguments(a, weight, transpose_weight, seed, *fields_after_seed) -> PerturbedMatmul:
+    """The call :func:`perturbed_matmul_op`'s arguments describe (its fake reads the shapes from it too)."""
+    *fields, noise_row_offset, noise_col_offset = fields_after_seed
+    return PerturbedMatmul(a, weight, transpose_weight, seed_from_int64(seed), *fields,
+                           noise_offset=(noise_row_offset, noise_col_offset))
 
 
 @perturbed_matmul_op.register_fake
-def _perturbed_matmul_fake(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
-                           keep, keep_scale, out_dtype, noise_row_offset, noise_col_offset):
-    return a.new_empty((a.shape[0], weight.shape[0] if transpose_weight else weight.shape[1]), dtype=out_dtype)
+def _perturbed_matmul_fake(*arguments):
+    call = _call_from_op_arguments(*arguments)
+    return call.a.new_empty(call.out_shape, dtype=call.out_dtype)
 
 
-def _perturbed_matmul(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling, keep,
-                      keep_scale, out_dtype, noise_offset):
+def _perturbed_matmul(call: PerturbedMatmul) -> torch.Tensor:
     """The registered op for a dense weight; a 4-bit base (a dataclass, which the op cannot take)
     calls its backend directly: the fused Triton kernel, or the reference's row-block path."""
-    if isinstance(weight, PackedWeight4bit):
-        return get_backend(a.device, weight).perturbed_matmul(
-            a, weight, transpose_weight=transpose_weight, seed=seed_from_int64(seed), row_std=row_std, bias=bias,
-            lora_left=lora_left, lora_right=lora_right, scaling=scaling, keep=keep, keep_scale=keep_scale,
-            out_dtype=out_dtype, noise_offset=noise_offset)
-    return perturbed_matmul_op(a, weight, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
-                               keep, keep_scale, out_dtype, *noise_offset)
+    if isinstance(call.weight, PackedWeight4bit):
+        return get_backend(call.a.device, call.weight).perturbed_matmul(call)
+    return perturbed_matmul_op(call.a, call.weight, call.transpose_weight, seed_to_int64(call.seed), call.row_std,
+                               call.out_dtype, call.bias, call.lora_hidden, call.lora_out_factor, call.scaling,
+                               call.dropout_keep, call.keep_scale, *call.noise_offset)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -177,8 +191,10 @@ class FlatLoraLinearFunction(torch.autograd.Function):
                 keep = torch.rand(x.shape, device=x.device) >= dropout_p
                 x_lora = x_lora * keep * (1.0 / (1.0 - dropout_p))
             lora_hidden = x_lora @ lora_A.to(lora_dtype).t()
-        y = _perturbed_matmul(x, weight, True, seed, row_std, bias, lora_hidden,
-                              None if lora_B is None else lora_B.t(), scaling, None, 1.0, compute_dtype, noise_offset)
+        y = _perturbed_matmul(PerturbedMatmul(
+            x, weight, transpose_weight=True, seed=seed_from_int64(seed), row_std=row_std, out_dtype=compute_dtype,
+            bias=bias, lora_hidden=lora_hidden, lora_out_factor=None if lora_B is None else lora_B.t(),
+            scaling=scaling, noise_offset=noise_offset))
         packed = isinstance(weight, PackedWeight4bit)
         ctx.packed_weight = weight if packed else None  # not a tensor: kept by reference, like a parameter
         ctx.save_for_backward(x, None if packed else weight, lora_A, lora_B, row_std, keep, lora_hidden)
@@ -199,8 +215,10 @@ class FlatLoraLinearFunction(torch.autograd.Function):
             grad_hidden = None if lora_B is None else grad_lora @ lora_B.to(lora_dtype)
             grad_x = grad_A = grad_B = grad_bias = None
             if ctx.needs_input_grad[0]:
-                grad_x = _perturbed_matmul(grad_y, weight, False, seed, row_std, None, grad_hidden, lora_A,
-                                           scaling, keep, keep_scale, compute_dtype, noise_offset).to(x.dtype)
+                grad_x = _perturbed_matmul(PerturbedMatmul(
+                    grad_y, weight, transpose_weight=False, seed=seed_from_int64(seed), row_std=row_std,
+                    out_dtype=compute_dtype, lora_hidden=grad_hidden, lora_out_factor=lora_A, scaling=scaling,
+                    dropout_keep=keep, keep_scale=keep_scale, noise_offset=noise_offset)).to(x.dtype)
             if ctx.needs_input_grad[3]:
                 x_lora = x.to(lora_dtype)
                 if keep is not None:
@@ -258,6 +276,9 @@ def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, 
     _check_float("x", x)
     _check_lora(weight, lora_A, lora_B)
     m, n = weight.shape
+    if n == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: in_features must be >= 1 (an empty input "
+                         "dimension has nothing to multiply)")
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={n}")
     if x.device != weight.device:

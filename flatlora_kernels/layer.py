@@ -8,9 +8,10 @@ import math
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from . import checks
-from .distributed import check_seed_shared_across_shards, is_dtensor, tensor_parallel_perturbed_linear
-from .functional import SUPPORTED_DTYPES, _flat_lora_linear, check_row_std, merged_row_norms
+from . import checks, nonfinite
+from .distributed import (check_seed_shared_across_shards, is_dtensor, is_zero3_partitioned,
+                          tensor_parallel_perturbed_linear, zero3_merged_row_norms)
+from .functional import SUPPORTED_DTYPES, _flat_lora_linear, check_row_std_values, merged_row_norms
 from .noise import check_seed
 from .quant4bit import CODEBOOKS, PackedWeight4bit, is_4bit_weight
 
@@ -93,6 +94,7 @@ class _FlatLoraNoise:
         self.noise_seed = None
         self.noise_row_std = None
         self._seed_checked_across_shards: int | None = None  # the seed last found shared by every shard's rank
+        self._base_is_zero3 = False  # a DeepSpeed ZeRO-3 partitioned base weight (set with each sample)
 
     @classmethod
     def from_lora_linear(cls, layer: torch.nn.Module):
@@ -139,13 +141,45 @@ class _FlatLoraNoise:
             self._reset_noise_state()
             return
         adapter = self._noise_adapter()
-        weight = self._weight_operand()
-        norms = merged_row_norms(weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                 self.scaling[adapter])
-        row_std = norms * (sigma / math.sqrt(weight.shape[1]))
-        check_row_std(row_std, weight)
+        lora_A, lora_B, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        base_weight = self.get_base_layer().weight
+        self._base_is_zero3 = is_zero3_partitioned(base_weight)
+        if self._base_is_zero3:  # outside a forward ZeRO-3 holds a flat slice of W per rank
+            norms = zero3_merged_row_norms(base_weight, self.fan_in_fan_out, lora_A, lora_B, scaling)
+        else:
+            norms = merged_row_norms(self._weight_operand(), lora_A, lora_B, scaling)
+        row_std = norms * (sigma / math.sqrt(self.in_features))
+        if not bool(torch.isfinite(row_std).all()):
+            raise FloatingPointError(self._nonfinite_noise_cause(adapter, base_weight, sigma))
+        check_row_std_values(row_std)
         self.noise_seed = seed
         self.noise_row_std = row_std
+
+    @torch.no_grad()
+    def restore_noise(self, seed: int, row_std: torch.Tensor | None) -> None:
+        """Set a sample saved earlier (its seed and ``c``) exactly as it was: nothing is recomputed from the
+        weights, so it does not matter what they are now. ``row_std=None`` clears the noise."""
+        check_seed(seed)
+        if row_std is None:
+            self._reset_noise_state()
+            return
+        if not isinstance(row_std, torch.Tensor) or row_std.dtype != torch.float32 \
+                or tuple(row_std.shape) != (self.out_features,):
+            raise ValueError(f"row_std must be a float32 tensor of shape ({self.out_features},), got {row_std!r:.80}")
+        check_row_std_values(row_std)
+        base_weight = self.get_base_layer().weight
+        self._base_is_zero3 = is_zero3_partitioned(base_weight)
+        self.noise_seed = seed
+        self.noise_row_std = row_std.detach().clone().to(base_weight.device)
+
+    def _nonfinite_noise_cause(self, adapter: str, weight, sigma: float) -> str:
+        factors = [self.lora_A[adapter].weight, self.lora_B[adapter].weight]
+        if not all(bool(torch.isfinite(f).all()) for f in factors):
+            return f"the LoRA factors of adapter {adapter!r} hold NaN/inf; {nonfinite.WEIGHT_CAUSES}"
+        if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):
+            return "the frozen base weight holds NaN/inf (check how the model was loaded or modified)"
+        return (f"the noise std c = sigma * row norm / sqrt(in_features) overflows float32 at sigma={sigma:g}: "
+                "sigma (or the schedule's factor) is far too large")
 
     def clear_noise(self) -> None:
         """Drop the current sample: the layer is plain LoRA until the next :meth:`sample_noise`."""
@@ -160,6 +194,8 @@ class _FlatLoraNoise:
             raise TypeError(f"{type(self).__name__} got extra forward arguments it cannot pass on: "
                             f"{len(args)} positional, keywords {sorted(kwargs)}")
         adapter = self._noise_adapter()
+        if self._base_is_zero3:  # found when the sample was drawn: reading the weight here would gather it
+            return self._zero3_forward(x, self.noise_row_std)
         weight = self._weight_operand()
         dropout = self.lora_dropout[adapter]
         dropout_p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0
@@ -174,12 +210,8 @@ class _FlatLoraNoise:
             self.scaling[adapter], seed=self.noise_seed, row_std=row_std, dropout_p=dropout_p)
 
     def _tensor_parallel_forward(self, x: torch.Tensor, weight: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
-        """PEFT's own forward with only the base layer's matmul replaced by the shard-wise perturbed one.
-
-        The base layer's tensor-parallel hooks (input and output layouts) and the LoRA modules, sharded
-        or not, run exactly as in plain PEFT, so every combination plain PEFT accepts trains the same
-        way; the LoRA term is PEFT's, not fused into the kernel epilogue.
-        """
+        """PEFT's forward with the base layer's matmul replaced by the shard-wise perturbed one (each rank
+        multiplies its shard perturbed by its block of ``Z``)."""
         seed = self.noise_seed
         if self._seed_checked_across_shards != seed:
             check_seed_shared_across_shards(seed, weight, type(self).__name__)
@@ -191,19 +223,34 @@ class _FlatLoraNoise:
             return _flat_lora_linear(x_local, weight_local, None, None, None, 0.0, seed=seed, row_std=rows,
                                      noise_offset=offset)
 
-        def perturbed_base_forward(x_in, *args, **kwargs):
-            return tensor_parallel_perturbed_linear(x_in, weight, base.bias, perturbed_local_linear)
-
-        # An instance attribute shadows the class's forward for this one call; nn.Module.__call__
-        # still runs the hooks that parallelize_module registered around it.
-        base.forward = perturbed_base_forward
         try:
-            return super().forward(x)
+            return self._forward_with_perturbed_base(
+                x, lambda x_in: tensor_parallel_perturbed_linear(x_in, weight, base.bias, perturbed_local_linear))
         except RuntimeError as exc:
             raise RuntimeError(
                 f"{type(self).__name__} over a tensor-parallel base layer: {exc}. If the base layer's output "
-                "layout does not match the LoRA path's, plain PEFT fails the same way (see the README, "
+                "layout does not match the LoRA path's, plain PEFT fails the same way (see docs/distributed.md, "
                 "'Tensor parallelism', for the plans that work)") from exc
+
+    def _zero3_forward(self, x: torch.Tensor, row_std: torch.Tensor) -> torch.Tensor:
+        """PEFT's forward with the base layer's matmul replaced by the perturbed one, for ZeRO-3 partitioned
+        weights: DeepSpeed gathers a module's parameters in hooks around that module's own call (and again
+        before its backward), so the base layer and the LoRA modules must each be called, as plain PEFT does."""
+        def perturbed_base(x_in):  # inside the base layer's call: its weight is gathered now
+            return _flat_lora_linear(x_in, self.logical_weight(), self.get_base_layer().bias, None, None, 0.0,
+                                     seed=self.noise_seed, row_std=row_std)
+
+        return self._forward_with_perturbed_base(x, perturbed_base)
+
+    def _forward_with_perturbed_base(self, x: torch.Tensor, perturbed_base) -> torch.Tensor:
+        """PEFT's own forward with only the base layer's computation replaced by ``perturbed_base(x)`` for this
+        call. An instance attribute shadows the class's forward, so ``nn.Module.__call__`` still runs the hooks
+        others registered on the base layer (tensor-parallel layouts, ZeRO-3 gathering), and the LoRA modules
+        run as in plain PEFT (the LoRA term is PEFT's, not fused into the kernel epilogue)."""
+        base = self.get_base_layer()
+        base.forward = lambda x_in, *args, **kwargs: perturbed_base(x_in)
+        try:
+            return super().forward(x)
         finally:
             del base.forward
 

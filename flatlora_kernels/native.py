@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .matmul_call import PerturbedMatmul
 from .noise import seed_to_int64
 
 try:
@@ -54,12 +55,12 @@ def merged_row_norms_native(weight, lora_A, lora_B, scaling, *, out=None) -> tor
     return norms if out is None else out.copy_(norms)
 
 
-def perturbed_matmul_native(a, weight, *, transpose_weight, seed, row_std, bias, lora_left, lora_right, scaling,
-                            keep, keep_scale, out_dtype, noise_offset=(0, 0), out=None) -> torch.Tensor:
-    """Semantics of :func:`flatlora_kernels.reference.perturbed_matmul`, in C++ on bounded blocks."""
-    result = _C.perturbed_matmul_cpu(a, weight, transpose_weight, seed_to_int64(seed), row_std, bias, lora_left,
-                                     lora_right, float(scaling), keep, float(keep_scale), _DTYPE_NAMES[out_dtype],
-                                     *noise_offset)
+def perturbed_matmul_native(call: PerturbedMatmul, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Semantics of :func:`flatlora_kernels.reference.perturbed_matmul`, in C++ on bounded blocks (dense W)."""
+    result = _C.perturbed_matmul_cpu(call.a, call.weight, call.transpose_weight, seed_to_int64(call.seed),
+                                     call.row_std, call.bias, call.lora_hidden, call.lora_out_factor,
+                                     float(call.scaling), call.dropout_keep, float(call.keep_scale),
+                                     _DTYPE_NAMES[call.out_dtype], *call.noise_offset)
     return result if out is None else out.copy_(result)
 
 

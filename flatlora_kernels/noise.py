@@ -55,6 +55,9 @@ import math
 
 import torch
 
+# Version of the definition above; saved in every controller state so a resume under another definition
+# (other noise for the same seed) is caught.
+CONTRACT_VERSION = 1
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9

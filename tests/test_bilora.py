@@ -8,7 +8,7 @@ import torch
 
 import flatlora_kernels as fk
 
-from .sharpness_models import batches, loss_on, snapshot, tiny_peft, trainable
+from .helpers import batches, loss_on, snapshot, tiny_peft, trainable
 
 
 def with_materialised_aux(model, bilora):

@@ -8,7 +8,6 @@ import torch
 
 import flatlora_kernels as fk
 from flatlora_kernels import checks, noise
-from flatlora_kernels.integration import layer_seed as layer_seed_from_integration
 
 
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), True, "0.1", None, torch.tensor(0.1)])
@@ -54,7 +53,36 @@ def test_every_seed_entry_point_rejects_bad_seeds(seed, error):
             entry(seed)
 
 
-def test_layer_seeds_are_distinct_and_stable_across_import_paths():
+_MASK64 = 2**64 - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _splitmix64_next(state: int) -> int:
+    """One output of Vigna's SplitMix64 generator from ``state`` (written here, not taken from the package)."""
+    z = (state + _GOLDEN_GAMMA) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def test_splitmix64_oracle_gives_the_published_stream():
+    # SplitMix64 seeded with 0 (splitmix64.c, Java's SplittableRandom): its first four outputs
+    stream = [_splitmix64_next(k * _GOLDEN_GAMMA & _MASK64) for k in range(4)]
+    assert stream == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F, 0xF88BB8A8724C81EC]
+
+
+def test_layer_seed_is_the_documented_splitmix64_chain():
+    gen = np.random.default_rng(5)
+    cases = [(0, 0, 0, 0), (2**64 - 1, 7, 3, 2)] + [
+        (int(gen.integers(0, 2**63)) * 2 + 1, int(gen.integers(0, 1000)), int(gen.integers(0, 64)),
+         int(gen.integers(0, 9))) for _ in range(6)]
+    for seed, sample, layer, rank_tag in cases:
+        z = _splitmix64_next(seed)
+        for part in (sample, layer, rank_tag):
+            z = _splitmix64_next(z ^ part)
+        assert noise.layer_seed(seed, sample, layer, rank_tag) == z, (seed, sample, layer, rank_tag)
+
+
+def test_layer_seeds_are_distinct():
     seeds = {noise.layer_seed(3, s, k, r) for s in range(4) for k in range(8) for r in range(3)}
     assert len(seeds) == 4 * 8 * 3 and all(0 <= s < 2**64 for s in seeds)
-    assert layer_seed_from_integration is noise.layer_seed

@@ -8,8 +8,7 @@ import torch.distributed as dist
 
 from flatlora_kernels import apply_flat_lora
 
-from .helpers import join_process_group, run_processes
-from .models import VOCAB, peft_family
+from .helpers import VOCAB, join_process_group, peft_family, run_processes
 
 WORLD = 2
 STEPS = 3

@@ -1,5 +1,7 @@
 """flat_lora_linear: forward and every gradient against float64 oracles, on every backend."""
 
+import dataclasses
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -7,7 +9,9 @@ from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
 from flatlora_kernels.backends import BACKEND_ENV
-from flatlora_kernels.triton_ops.perturbed_matmul import MATMUL_CONFIGS
+from flatlora_kernels.matmul_call import PerturbedMatmul
+from flatlora_kernels.testing import forced_matmul_config
+from flatlora_kernels.triton_ops.launch_settings import MATMUL_CONFIGS
 
 from .helpers import REL_TOL, assert_close_rel, float64_flat_lora, rel_err
 
@@ -168,7 +172,7 @@ def test_every_gpu_configuration_on_the_interpreter(config, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "triton")
     dtype = torch.float32 if config.startswith("fp32") else torch.bfloat16
     x, weight, bias, lora_A, lora_B, row_std = make_inputs("cpu", (70,), 130, 75, 3, dtype, torch.float32)
-    with MATMUL_CONFIGS.force(config):
+    with forced_matmul_config(config):
         y, y64, grads, grads64 = run_both(x, weight, bias, lora_A, lora_B, row_std)
         call = lambda inp: fk.flat_lora_linear(inp, weight, bias, lora_A, lora_B, 0.75, seed=1234,  # noqa: E731
                                                row_std=row_std).detach()
@@ -180,6 +184,18 @@ def test_every_gpu_configuration_on_the_interpreter(config, monkeypatch):
     assert_close_rel(shuffled, y64.flip(0), dtype, "shuffled tokens")
 
 
+def test_the_custom_op_takes_the_fields_of_one_call_in_order():
+    """The registered op rebuilds its PerturbedMatmul positionally: its schema must list the fields
+    in order (the noise offset as two ints), and the call must reject half a LoRA term."""
+    names = [arg.name for arg in torch.ops.flatlora.perturbed_matmul.default._schema.arguments]
+    fields = [field.name for field in dataclasses.fields(PerturbedMatmul)]
+    assert fields[-1] == "noise_offset"
+    assert names == fields[:-1] + ["noise_row_offset", "noise_col_offset"]
+    with pytest.raises(ValueError, match="lora_hidden and lora_out_factor come together"):
+        PerturbedMatmul(torch.ones(2, 3), torch.ones(4, 3), transpose_weight=True, seed=0, row_std=None,
+                        out_dtype=torch.float32, lora_hidden=torch.ones(2, 1))
+
+
 def test_configuration_table_covers_every_class_and_routes_tokens():
     for key in MATMUL_CONFIGS.CLASSES:
         assert MATMUL_CONFIGS.entries[key] in MATMUL_CONFIGS.configs
@@ -187,7 +203,7 @@ def test_configuration_table_covers_every_class_and_routes_tokens():
     assert MATMUL_CONFIGS.classify(torch.float16, 64, 100) == ("16bit", "narrow", "decode")
     assert MATMUL_CONFIGS.classify(torch.float32, 65, 128) == ("fp32", "wide", "bulk")
     with pytest.raises(KeyError, match="no configuration named"):
-        with MATMUL_CONFIGS.force("nonexistent"):
+        with forced_matmul_config("nonexistent"):
             pass
 
 

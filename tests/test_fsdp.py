@@ -5,36 +5,24 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from peft import PeftModel
 
 from flatlora_kernels import apply_flat_lora
-from flatlora_kernels.noise import layer_seed
 
-from .helpers import join_process_group, run_processes
-from .models import VOCAB, llama, peft_family
+from .helpers import (DP_LR, DP_SEED, DP_SIGMA, DP_STEPS, DP_WORLD, TRAINER_STEPS, assert_plain_peft_adapter_equals,
+                      dp_batch, join_process_group, one_process_reference, peft_family, run_processes, trainable,
+                      train_with_trainer)
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
-WORLD = 2
-STEPS = 2
-SIGMA, SEED, LR = 0.2, 3, 1e-2
 DEADLINE_S = 240
 
 
-def _batch(rank: int, step: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1000 * step + rank))
-
-
-def _trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
-    join_process_group(rank, WORLD, init_file)
+    join_process_group(rank, DP_WORLD, init_file)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     model, _ = peft_family("llama")  # identical initial weights on every rank
-    config = dict(sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=per_rank_noise)
+    config = dict(sigma=DP_SIGMA, schedule="constant", seed=DP_SEED, per_rank_noise=per_rank_noise)
     ctl = apply_flat_lora(model, **config) if apply_first else None
     for layer in model.base_model.model.model.layers:
         fsdp.fully_shard(layer, reshard_after_forward=reshard)
@@ -42,10 +30,10 @@ def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
     # applied to the sharded model, the first sample's filter norms come from DTensor shards (and
     # applied first, every later sample's do)
     ctl = ctl or apply_flat_lora(model, **config)
-    opt = torch.optim.SGD(_trainable(model), lr=LR)
+    opt = torch.optim.SGD(trainable(model).values(), lr=DP_LR)
     losses, grads = [], None
-    for step in range(STEPS):
-        ids = _batch(rank, step)
+    for step in range(DP_STEPS):
+        ids = dp_batch(rank, step)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.item())
@@ -63,36 +51,12 @@ def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
     dist.destroy_process_group()
 
 
-def _single_process_reference(per_rank_noise):
-    """The same run on one process: rank r's batch under rank r's noise, gradients averaged as FSDP does."""
-    model, _ = peft_family("llama")
-    ctl = apply_flat_lora(model, sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=per_rank_noise)
-    opt = torch.optim.SGD(_trainable(model), lr=LR)
-    losses, grads, row_std = [[] for _ in range(WORLD)], None, None
-    for step in range(STEPS):
-        for rank in range(WORLD):
-            for k, layer in enumerate(ctl.layers.values()):
-                layer.sample_noise(layer_seed(SEED, step, k, rank + 1 if per_rank_noise else 0), SIGMA)
-            ids = _batch(rank, step)
-            loss = model(input_ids=ids, labels=ids).loss
-            (loss / WORLD).backward()
-            losses[rank].append(loss.item())
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        opt.step()
-        opt.zero_grad()
-        ctl.step()
-        row_std = [layer.noise_row_std.clone() for layer in ctl.layers.values()]
-    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return losses, grads, row_std, adapters
-
-
 @pytest.mark.parametrize("per_rank_noise,reshard,apply_first", [(True, True, False), (False, False, True)])
 def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_noise, reshard, apply_first):
-    run_processes(_worker, (str(tmp_path / "init"), per_rank_noise, reshard, apply_first, str(tmp_path)), WORLD,
+    run_processes(_worker, (str(tmp_path / "init"), per_rank_noise, reshard, apply_first, str(tmp_path)), DP_WORLD,
                   DEADLINE_S)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    losses, grads, row_std, adapters = _single_process_reference(per_rank_noise)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(DP_WORLD)]
+    losses, grads, row_std, adapters = one_process_reference(per_rank_noise)
     for rank, result in enumerate(results):
         assert result["losses"] == pytest.approx(losses[rank], rel=1e-5), f"rank {rank} losses"
         # the filter norms reduced from shards equal those of the whole weights
@@ -104,17 +68,7 @@ def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_n
         assert results[0]["losses"] != results[1]["losses"]
 
     # the checkpoint is a plain PEFT adapter: plain PEFT loads it onto a fresh base model
-    _assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
-
-
-def _assert_plain_peft_adapter_equals(path, adapters: dict) -> None:
-    """Plain PEFT loads the saved adapter onto a fresh base model, and its LoRA weights are ``adapters``."""
-    base, *_ = llama()
-    loaded = PeftModel.from_pretrained(base, str(path))
-    lora = {name: param for name, param in loaded.named_parameters() if "lora_" in name}
-    assert lora.keys() == adapters.keys()
-    for name, param in lora.items():
-        torch.testing.assert_close(param, adapters[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
 
 
 # ---------------------------------------------------------------------- through Trainer/accelerate
@@ -139,45 +93,19 @@ def _accelerate_fsdp_on_cpu() -> None:
     accelerate.state.AcceleratorState.__init__ = init
 
 
-TRAINER_STEPS = 2
-
-
-def _train_with_trainer(out_dir, fsdp: bool):
-    """Two optimizer steps of the Trainer with FlatLoraCallback (shared noise), data in order: with FSDP2 over
-    two processes (a batch of 2 each), or on one process (batches of 2, two accumulated per step)."""
-    from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainingArguments
-
-    from flatlora_kernels import FlatLoraCallback
-
-    from .test_trainer import TokenData
-
-    class InOrder(Trainer):  # both runs see batch 2s + k on rank / micro-batch k of step s
-        def _get_train_sampler(self, *args, **kwargs):
-            return SequentialSampler(self.train_dataset)
-
-    model, _ = peft_family("llama")
-    distributed = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
-                                               "state_dict_type": "FULL_STATE_DICT",
-                                               "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
-    args = TrainingArguments(output_dir=str(out_dir), max_steps=TRAINER_STEPS, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=1 if fsdp else WORLD, learning_rate=5e-3, report_to=[],
-                             use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, logging_steps=100,
-                             **(distributed if fsdp else {}))
-    callback = FlatLoraCallback(sigma=SIGMA, seed=SEED, per_rank_noise=False)
-    trainer = InOrder(model=model, args=args, train_dataset=TokenData(), callbacks=[callback])
-    trainer.train()
-    return trainer, callback
+FSDP2_ARGS = dict(fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                         "state_dict_type": "FULL_STATE_DICT",
+                                         "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
 
 
 def _trainer_worker(rank, init_file, out_dir):
-    join_process_group(rank, WORLD, init_file)
+    join_process_group(rank, DP_WORLD, init_file)
     # accelerate checks the launcher's environment; the process group above already exists, so the
     # address is never dialled (loopback only in any case)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(DP_WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT="29500")
     _accelerate_fsdp_on_cpu()
-    trainer, callback = _train_with_trainer(out_dir, fsdp=True)
+    trainer, callback = train_with_trainer(out_dir, distributed=FSDP2_ARGS)
     assert trainer.accelerator.is_fsdp2, "the run must have been accelerate's FSDP2 path throughout"
     sharded = [type(p).__name__ for p in trainer.model.parameters()]
     trainer.save_model(os.path.join(out_dir, "adapter"))
@@ -188,14 +116,14 @@ def _trainer_worker(rank, init_file, out_dir):
 
 
 def test_fsdp2_through_trainer_and_accelerate_equals_one_process(tmp_path):
-    run_processes(_trainer_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD, DEADLINE_S)
-    for rank in range(WORLD):
+    run_processes(_trainer_worker, (str(tmp_path / "init"), str(tmp_path)), DP_WORLD, DEADLINE_S)
+    for rank in range(DP_WORLD):
         got = torch.load(tmp_path / f"trainer{rank}.pt")
         assert set(got["sharded"]) == {"DTensor"}, "accelerate must have sharded every parameter with fully_shard"
         assert got["steps"] == TRAINER_STEPS
-    reference, _ = _train_with_trainer(tmp_path / "single", fsdp=False)
+    reference, _ = train_with_trainer(tmp_path / "single", distributed=None)
     adapters = {n: p.detach() for n, p in reference.model.named_parameters() if p.requires_grad}
     # the Trainer saved a plain PEFT adapter, gathered from the shards
-    _assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
-    untrained = {n: p for n, p in peft_family("llama")[0].named_parameters() if p.requires_grad}
+    assert_plain_peft_adapter_equals(tmp_path / "adapter", adapters)
+    untrained = trainable(peft_family("llama")[0])
     assert any(not torch.allclose(adapters[n], untrained[n]) for n in adapters), "training must move the adapters"

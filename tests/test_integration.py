@@ -11,9 +11,10 @@ from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
 from flatlora_kernels import FlatLoraLinear, apply_flat_lora, register_flat_lora
-from flatlora_kernels.integration import layer_seed, schedule_factor
+from flatlora_kernels.config import schedule_factor
+from flatlora_kernels.noise import layer_seed
 
-from .models import FAMILIES, peft_family
+from .helpers import FAMILIES, gpt2, llama, peft_family
 
 
 def lora_grads(model):
@@ -93,8 +94,6 @@ def test_save_pretrained_is_plain_peft_and_merge_has_no_noise(tmp_path):
 
 
 def test_get_peft_model_with_registration_creates_flat_layers():
-    from .models import llama
-
     torch.manual_seed(0)
     model, targets, _, loss_fn = llama()
     config = register_flat_lora(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
@@ -107,8 +106,6 @@ def test_get_peft_model_with_registration_creates_flat_layers():
 
 
 def test_gpt2_registration_needs_fan_in_fan_out():
-    from .models import gpt2
-
     model, targets, _, _ = gpt2()
     with pytest.raises(ValueError, match="fan_in_fan_out"):
         get_peft_model(model, register_flat_lora(LoraConfig(r=2, target_modules=targets)))

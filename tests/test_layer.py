@@ -10,22 +10,12 @@ from transformers.pytorch_utils import Conv1D
 
 from flatlora_kernels import FlatLoraLinear
 
-from .helpers import assert_close_rel, float64_flat_lora
-
-
-class TwoLayer(torch.nn.Module):
-    def __init__(self, n=29, hidden=37, out=11):
-        super().__init__()
-        self.up = torch.nn.Linear(n, hidden)
-        self.down = torch.nn.Linear(hidden, out, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.tanh(self.up(x)))
+from .helpers import TinyMLP, assert_close_rel, float64_flat_lora
 
 
 def peft_model(dtype=torch.float32, **config):
-    model = TwoLayer().to(dtype)
-    config = {"r": 4, "lora_alpha": 8, "target_modules": ["up", "down"], **config}
+    model = TinyMLP(29, 37, 11, bias=(True, False)).to(dtype)  # one layer with a bias, one without
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["fc1", "fc2"], **config}
     return get_peft_model(model, LoraConfig(**config))
 
 
@@ -53,7 +43,7 @@ def test_state_dict_and_repr_match_peft():
 
 def test_forward_is_the_functional_op_and_eval_is_plain_lora():
     model = to_flat(peft_model())
-    layer = model.base_model.model.up
+    layer = model.base_model.model.fc1
     x = torch.randn(6, 29)
     plain = layer(x)  # no sample yet: PEFT's forward
     layer.sample_noise(seed=123, sigma=0.2)
@@ -111,7 +101,7 @@ def test_merge_and_unload_has_no_trace_of_noise():
 
 def test_merged_and_disabled_adapters_behave_as_peft():
     model = to_flat(peft_model())
-    layer = model.base_model.model.up
+    layer = model.base_model.model.fc1
     layer.sample_noise(seed=1, sigma=0.3)
     x = torch.randn(3, 29)
     with model.disable_adapter():
@@ -154,8 +144,8 @@ def test_unsupported_configurations_raise():
         layer.sample_noise(seed=0, sigma=0.1)
 
     model = to_flat(peft_model())
-    model.add_adapter("second", LoraConfig(r=2, target_modules=["up", "down"]))
-    layer = model.base_model.model.up
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    layer = model.base_model.model.fc1
     layer.sample_noise(seed=0, sigma=0.1)
     layer.set_adapter(["default", "second"])
     with pytest.raises(ValueError, match="exactly one active adapter"):
@@ -178,7 +168,7 @@ def test_unsupported_configurations_raise():
 
 def test_lora_dropout_is_applied_with_noise():
     model = to_flat(peft_model(lora_dropout=0.5))
-    layer = model.base_model.model.up
+    layer = model.base_model.model.fc1
     layer.sample_noise(seed=4, sigma=0.1)
     x = torch.randn(64, 29)
     torch.manual_seed(1)

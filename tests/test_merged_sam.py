@@ -8,7 +8,7 @@ import torch
 
 import flatlora_kernels as fk
 
-from .sharpness_models import HIDDEN, N_IN, N_OUT, batches, bitwise_equal, loss_on, snapshot, tiny_peft, trainable
+from .helpers import HIDDEN, N_IN, N_OUT, batches, bitwise_equal, loss_on, snapshot, tiny_peft, trainable
 
 
 def bases(model):

@@ -8,7 +8,7 @@ import flatlora_kernels as fk
 from flatlora_kernels import noise as contract
 from flatlora_kernels.native import native_available
 
-from .test_noise import PHILOX_KAT
+from .helpers import PHILOX_KAT
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native extension not built")
 

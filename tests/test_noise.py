@@ -11,15 +11,8 @@ import flatlora_kernels as fk
 from flatlora_kernels import noise as contract
 from flatlora_kernels.triton_ops.noise import gaussian_tile, generate_noise_triton, philox4x32
 
-from .conftest import DEVICES
+from .helpers import DEVICES, PHILOX_KAT
 
-# Random123's known-answer vectors for philox4x32-10: (counter, key, output).
-PHILOX_KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]
 
 
 @pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
@@ -90,7 +83,7 @@ def test_noise_block_at_an_offset_is_that_block_of_the_whole(device_backend, off
     whole Philox calls), and 64-bit positions."""
     device, _ = device_backend
     seed, (r0, c0), (m, n) = 2**63 + 11, offset, (9, 37)
-    z = fk.generate_noise(seed, m, n, device=device, offset=offset)
+    z = fk.generate_noise(seed, m, n, device=device, noise_offset=offset)
     if r0 + c0 < 100:
         expected = contract.reference_noise(seed, r0 + m, c0 + n)[r0:, c0:]
     else:  # too far out to build the whole: the block's own Philox calls, column by column
@@ -103,7 +96,7 @@ def test_noise_block_at_an_offset_is_that_block_of_the_whole(device_backend, off
                                           ((0.5, 0), ValueError), (3, TypeError)])
 def test_noise_offsets_outside_the_index_space_are_refused(offset, error):
     with pytest.raises(error, match="offset|index space"):
-        fk.generate_noise(1, 2, 3, offset=offset)
+        fk.generate_noise(1, 2, 3, noise_offset=offset)
 
 
 @pytest.mark.parametrize("blocks", [(16, 4), (16, 16), (32, 64), (64, 128)])

@@ -7,14 +7,9 @@ import torch
 
 from flatlora_kernels.quant4bit import PackedWeight4bit
 
+from .helpers import quantized
+
 bnb = pytest.importorskip("bitsandbytes")
-
-
-def quantized(m, n, *, quant_type, blocksize, double, dtype=torch.float32, seed=0):
-    """A bitsandbytes Params4bit of a fresh random (m, n) weight, quantized on the CPU."""
-    weight = torch.randn(m, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, blocksize=blocksize,
-                             compress_statistics=double, quant_storage=torch.uint8).to("cpu")
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

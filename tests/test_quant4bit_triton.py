@@ -10,12 +10,14 @@ import flatlora_kernels as fk
 from flatlora_kernels import noise as contract
 from flatlora_kernels import reference
 from flatlora_kernels.backends import BACKEND_ENV, _unavailable_reason, get_backend
+from flatlora_kernels.matmul_call import PerturbedMatmul
 from flatlora_kernels.quant4bit import PackedWeight4bit
-from flatlora_kernels.triton_ops.perturbed_matmul import MATMUL_CONFIGS, perturbed_matmul_triton
+from flatlora_kernels.testing import forced_matmul_config
+from flatlora_kernels.triton_ops.launch_settings import MATMUL_CONFIGS, MatmulConfigTable
+from flatlora_kernels.triton_ops.perturbed_matmul import perturbed_matmul_triton
 from flatlora_kernels.triton_ops.row_norms import merged_row_norms_triton
 
-from .helpers import rel_err
-from .test_quant4bit import quantized
+from .helpers import quantized, rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.skipif(_unavailable_reason("triton", torch.device("cpu")) is not None,
@@ -41,22 +43,20 @@ def operands(m, n, tokens, dtype, forward, r=3):
     return dict(
         a=a, row_std=0.2 * torch.rand(m, generator=g) + 0.05,
         bias=torch.randn(m, generator=g).to(dtype) if forward else None,
-        lora_left=torch.randn(tokens, r, generator=g), lora_right=torch.randn(r, out_columns, generator=g),
-        keep=None if forward else torch.rand(tokens, out_columns, generator=g) >= 0.3,
+        lora_hidden=torch.randn(tokens, r, generator=g), lora_out_factor=torch.randn(r, out_columns, generator=g),
+        dropout_keep=None if forward else torch.rand(tokens, out_columns, generator=g) >= 0.3,
         keep_scale=1.0 if forward else 1 / 0.7)
 
 
 def both(weight, forward, ops, dtype, seed=SEED, noise_offset=(0, 0)):
     """The fused kernel on the packed weight (into a poisoned output) and the reference on its
     explicitly dequantized copy, for one direction."""
-    kwargs = dict(transpose_weight=forward, seed=seed, row_std=ops["row_std"], bias=ops["bias"],
-                  lora_left=ops["lora_left"], lora_right=ops["lora_right"], scaling=0.7, keep=ops["keep"],
-                  keep_scale=ops["keep_scale"], out_dtype=dtype, noise_offset=noise_offset)
-    m, n = weight.shape
-    out = torch.full((ops["a"].shape[0], m if forward else n), float("nan"), dtype=dtype)
-    ours = perturbed_matmul_triton(ops["a"], weight, out=out, **kwargs)
+    call = PerturbedMatmul(weight=weight, transpose_weight=forward, seed=seed, out_dtype=dtype, scaling=0.7,
+                           noise_offset=noise_offset, **ops)
+    out = torch.full(call.out_shape, float("nan"), dtype=dtype)
+    ours = perturbed_matmul_triton(call, out=out)
     assert ours.data_ptr() == out.data_ptr() and torch.isfinite(ours).all()
-    return ours, reference.perturbed_matmul(ops["a"], weight.dequantize(), **kwargs)
+    return ours, reference.perturbed_matmul(dataclasses.replace(call, weight=weight.dequantize()))
 
 
 def assert_ulp_close(ours, ref, dtype, what):
@@ -108,9 +108,8 @@ def test_tiles_dequantize_bit_for_bit(quant_type, m, n):
         expected = weight.dequantize()
         for forward in (True, False):
             eye = torch.eye(n if forward else m, dtype=dtype)
-            read = perturbed_matmul_triton(eye, weight, transpose_weight=forward, seed=SEED, row_std=None, bias=None,
-                                           lora_left=None, lora_right=None, scaling=1.0, keep=None, keep_scale=1.0,
-                                           out_dtype=dtype)
+            read = perturbed_matmul_triton(PerturbedMatmul(eye, weight, transpose_weight=forward, seed=SEED,
+                                                           row_std=None, out_dtype=dtype))
             assert torch.equal(read.t() if forward else read, expected), (dtype, forward)
 
 
@@ -140,7 +139,7 @@ def test_every_gpu_configuration_reads_4bit_weights(config):
     m, tokens = 130, 70
     for n in (75, 192):
         weight = packed_weight(m, n, quant_type="fp4" if "decode" in config else "nf4", dtype=dtype)
-        with MATMUL_CONFIGS.force(config):
+        with forced_matmul_config(config):
             for forward in (True, False):
                 ours, ref = both(weight, forward, operands(m, n, tokens, dtype, forward), dtype)
                 assert_ulp_close(ours, ref, dtype, f"{config} {'forward' if forward else 'dX'} n={n}")
@@ -220,9 +219,9 @@ def test_malformed_packed_weights_are_refused():
     with pytest.raises(TypeError, match="not torch.float64"):
         dataclasses.replace(weight, dtype=torch.float64)
     with pytest.raises(ValueError, match="block sizes are even"):
-        perturbed_matmul_triton(torch.randn(2, 10), dataclasses.replace(weight, blocksize=3, absmax=torch.ones(20)),
-                                transpose_weight=True, seed=1, row_std=None, bias=None, lora_left=None,
-                                lora_right=None, scaling=1.0, keep=None, keep_scale=1.0, out_dtype=torch.float32)
+        perturbed_matmul_triton(PerturbedMatmul(
+            torch.randn(2, 10), dataclasses.replace(weight, blocksize=3, absmax=torch.ones(20)), transpose_weight=True,
+            seed=1, row_std=None, out_dtype=torch.float32))
 
 
 def test_4bit_weights_swap_the_configuration_that_spills():
@@ -230,4 +229,5 @@ def test_4bit_weights_swap_the_configuration_that_spills():
     assert names == ["16bit-bulk-narrow", "16bit-decode"]
     assert MATMUL_CONFIGS.distinct(torch.float32, weight_4bit=True) == MATMUL_CONFIGS.distinct(torch.float32)
     with pytest.raises(ValueError, match="unknown configurations \\['nonexistent'\\]"):
-        type(MATMUL_CONFIGS)(MATMUL_CONFIGS.configs, MATMUL_CONFIGS.entries, {"16bit-decode": "nonexistent"})
+        MatmulConfigTable(MATMUL_CONFIGS.configs, MATMUL_CONFIGS.entries, MATMUL_CONFIGS.interpreter,
+                          {"16bit-decode": "nonexistent"})

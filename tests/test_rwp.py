@@ -9,7 +9,7 @@ import torch
 import flatlora_kernels as fk
 from flatlora_kernels.noise import layer_seed
 
-from .sharpness_models import batches, bitwise_equal, grads_at, loss_on, snapshot, tiny_peft, trainable
+from .helpers import batches, bitwise_equal, grads_at, loss_on, snapshot, tiny_peft, trainable
 
 
 def factor_noise_by_hand(model, sigma, seed, sample=0):

@@ -7,7 +7,7 @@ import torch
 
 import flatlora_kernels as fk
 
-from .sharpness_models import batches, bitwise_equal, grads_at, loss_on, snapshot, tiny_peft, trainable
+from .helpers import batches, bitwise_equal, grads_at, loss_on, snapshot, tiny_peft, trainable
 
 
 def expected_perturbation(model, grads, rho, adaptive, per_tensor):

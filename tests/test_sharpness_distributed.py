@@ -9,8 +9,7 @@ import torch.distributed as dist
 
 import flatlora_kernels as fk
 
-from .helpers import join_process_group, run_processes
-from .models import VOCAB, peft_family
+from .helpers import VOCAB, join_process_group, peft_family, run_processes, trainable
 
 WORLD = 2
 STEPS = 2
@@ -72,7 +71,7 @@ def test_sharpness_methods_ddp_two_processes(tmp_path):
     for name in METHODS:
         a, b = (r[name]["adapters"] for r in ranks)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}: adapters differ"
-        start = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+        start = trainable(plain)
         assert any(not torch.equal(a[k], start[k]) for k in a), f"{name}: nothing trained"
     sam0, sam1 = (r["sam"]["observed"] for r in ranks)
     assert len(sam0) == STEPS and all(torch.equal(x, y) for x, y in zip(sam0, sam1)), "SAM's e differs by rank"

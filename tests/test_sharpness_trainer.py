@@ -6,21 +6,16 @@ from transformers import Trainer, TrainingArguments
 
 import flatlora_kernels as fk
 
-from .models import peft_family
-from .test_trainer import TokenData
+from .helpers import TokenData, peft_family, trainable
 
 WINDOW = 2
 
 
-def trainable(m):
-    return [p for p in m.parameters() if p.requires_grad]
-
-
 # method -> (factory, forward passes per optimizer step with WINDOW micro-batches)
 METHODS = {
-    "sam": (lambda m: fk.SAMPerturber(trainable(m), rho=0.05), WINDOW + 1),
-    "asam": (lambda m: fk.SAMPerturber(trainable(m), rho=0.5, adaptive=True), WINDOW + 1),
-    "lora_sam": (lambda m: fk.SAMPerturber(trainable(m), rho=0.05, per_tensor=True), WINDOW + 1),
+    "sam": (lambda m: fk.SAMPerturber(trainable(m).values(), rho=0.05), WINDOW + 1),
+    "asam": (lambda m: fk.SAMPerturber(trainable(m).values(), rho=0.5, adaptive=True), WINDOW + 1),
+    "lora_sam": (lambda m: fk.SAMPerturber(trainable(m).values(), rho=0.05, per_tensor=True), WINDOW + 1),
     "merged_sam": (lambda m: fk.MergedSAM(m, rho=0.05), WINDOW + 1),
     "rwp_merged": (lambda m: fk.RWP(m, sigma=0.1, scope="merged", seed=3), WINDOW),
     "rwp_lora": (lambda m: fk.RWP(m, sigma=0.1, scope="lora", seed=3), WINDOW),

@@ -2,10 +2,10 @@
 
 One small PEFT model holds the four plans plain PEFT accepts over ``parallelize_module``:
 
-* ``l1``/``l2``: the Megatron pair, ``ColwiseParallel`` base (local output shards) with a column-wise
+* ``fc1``/``fc2``: the Megatron pair, ``ColwiseParallel`` base (local output shards) with a column-wise
   ``lora_B``, then ``RowwiseParallel`` base with a row-wise ``lora_A``;
-* ``l3``: ``ColwiseParallel(output_layouts=Replicate())`` base, LoRA factors replicated;
-* ``l4``: ``RowwiseParallel(input_layouts=Replicate())`` base, LoRA factors replicated.
+* ``fc3``: ``ColwiseParallel(output_layouts=Replicate())`` base, LoRA factors replicated;
+* ``fc4``: ``RowwiseParallel(input_layouts=Replicate())`` base, LoRA factors replicated.
 
 Sizes are odd so that shards start at rows and columns that are not multiples of 4 (the Triton
 path that makes one Philox call per element) and row blocks are uneven.
@@ -20,30 +20,21 @@ from peft import LoraConfig, get_peft_model
 
 from flatlora_kernels import apply_flat_lora
 
-from .helpers import REL_TOL, join_process_group, rel_err, run_processes
+from .helpers import REL_TOL, TinyMLP, join_process_group, rel_err, run_processes
 
 tp = pytest.importorskip("torch.distributed.tensor.parallel")
 
 WORLD = 2
 SIGMA, SEED = 0.5, 17
 DEADLINE_S = 240
-LAYERS = ("l1", "l2", "l3", "l4")
-
-
-class Mlp(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2 = torch.nn.Linear(14, 18), torch.nn.Linear(18, 14)
-        self.l3, self.l4 = torch.nn.Linear(14, 22), torch.nn.Linear(22, 10)
-
-    def forward(self, x):
-        return self.l4(torch.tanh(self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))))
+LAYERS = ("fc1", "fc2", "fc3", "fc4")
 
 
 def _peft_mlp():
     torch.manual_seed(0)
     # init_lora_weights=False: B is random, so every LoRA gradient and the merged norms are non-trivial
-    return get_peft_model(Mlp(), LoraConfig(r=3, lora_alpha=6, target_modules=list(LAYERS), init_lora_weights=False))
+    return get_peft_model(TinyMLP(14, 18, 14, 22, 10),
+                          LoraConfig(r=3, lora_alpha=6, target_modules=list(LAYERS), init_lora_weights=False))
 
 
 def _inputs():
@@ -56,10 +47,10 @@ def _plan() -> dict:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     root = "base_model.model."
-    return {root + "l1.base_layer": ColwiseParallel(), root + "l1.lora_B.default": ColwiseParallel(),
-            root + "l2.base_layer": RowwiseParallel(), root + "l2.lora_A.default": RowwiseParallel(),
-            root + "l3.base_layer": ColwiseParallel(output_layouts=Replicate()),
-            root + "l4.base_layer": RowwiseParallel(input_layouts=Replicate())}
+    return {root + "fc1.base_layer": ColwiseParallel(), root + "fc1.lora_B.default": ColwiseParallel(),
+            root + "fc2.base_layer": RowwiseParallel(), root + "fc2.lora_A.default": RowwiseParallel(),
+            root + "fc3.base_layer": ColwiseParallel(output_layouts=Replicate()),
+            root + "fc4.base_layer": RowwiseParallel(input_layouts=Replicate())}
 
 
 def _run(model, ctl):
@@ -101,7 +92,7 @@ def _worker(rank, init_file, backend, out_dir):
     # A plan plain PEFT cannot run either (column-sharded base output, replicated LoRA output): both fail,
     # ours with a message that says what to change.
     bad = _peft_mlp()
-    tp.parallelize_module(bad, mesh, {"base_model.model.l1.base_layer": tp.ColwiseParallel()})
+    tp.parallelize_module(bad, mesh, {"base_model.model.fc1.base_layer": tp.ColwiseParallel()})
     for name in ("plain PEFT", "Flat-LoRA"):
         if name == "Flat-LoRA":
             apply_flat_lora(bad, sigma=SIGMA, schedule="constant", seed=SEED, per_rank_noise=False)

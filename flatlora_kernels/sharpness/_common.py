@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, ContextManager, Iterable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
+from .. import nonfinite
 from ..noise import layer_seed
 
-NONFINITE_POLICIES = ("raise", "skip")
 LossClosure = Callable[[], torch.Tensor]
 Backward = Callable[[torch.Tensor], None]
-
-
-def check_policy(on_nonfinite: str) -> str:
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
-    return on_nonfinite
 
 
 def check_window(last: bool, window: int) -> None:
@@ -44,13 +38,15 @@ def sam_window(method, closure: LossClosure, last: bool, window: int, backward: 
     return loss.detach()
 
 
-def nonfinite(policy: str, what: str) -> None:
-    """Raise, or warn that the step is skipped, for a non-finite gradient statistic."""
-    message = f"non-finite gradient ({what})"
-    if policy == "raise":
-        raise FloatingPointError(message + "; pass on_nonfinite='skip' to skip such steps instead")
-    warnings.warn(message + ": this step is skipped (no perturbation, gradients cleared)", RuntimeWarning,
-                  stacklevel=3)
+def nonfinite_norm(policy: str, what: str) -> None:
+    """Raise, or warn that the step is skipped, for a non-finite gradient norm of the first pass."""
+    nonfinite.report(policy, f"non-finite gradient ({what}); {nonfinite.GRADIENT_CAUSES}",
+                     skipped="this step is skipped (no perturbation, gradients cleared)")
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters of ``model`` that require grad, by name (what the optimizer steps)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 class Snapshot:
@@ -66,11 +62,6 @@ class Snapshot:
         for tensor, saved in self.pairs:
             tensor.copy_(saved)
         self.pairs = []
-
-
-def clear_grads(params: Iterable[torch.Tensor]) -> None:
-    for p in params:
-        p.grad = None
 
 
 def generator(seed: int, sample: int, index: int, rank_tag: int, device: torch.device) -> torch.Generator:

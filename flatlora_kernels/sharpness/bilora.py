@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from .. import checks
+from .. import checks, nonfinite
 from ._common import (Backward, LossClosure, all_reduce_mean_, check_window, generator, lora_layers,
-                      active_adapter)
+                      active_adapter, trainable)
 
 
 class BiLoRA:
@@ -34,11 +34,16 @@ class BiLoRA:
         ascent_lr: step size of the ascent on the auxiliary pair (> 0).
         rank: ``r2``; default: each layer's LoRA rank.
         seed: seeds ``A2``'s initialisation (the global RNG is not used).
+        on_nonfinite: before the ascent step, the window's gradients (main and auxiliary) are checked:
+            ``"raise"`` a ``FloatingPointError``, or ``"skip"`` (no ascent, every gradient cleared, so the
+            optimizer step that follows changes nothing).
     """
 
     def __init__(self, model: torch.nn.Module, rho: float = 0.05, *, ascent_lr: float = 0.1,
-                 rank: int | None = None, seed: int = 0) -> None:
+                 rank: int | None = None, seed: int = 0, on_nonfinite: str = "raise") -> None:
         self.rho = checks.positive_real("rho", rho)
+        self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
+        self.model = model
         self.ascent_lr = checks.positive_real("ascent_lr", ascent_lr)
         rank = checks.optional_positive_int("rank", rank)
         self.pairs: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
@@ -79,16 +84,19 @@ class BiLoRA:
         return float(torch.as_tensor(total).clamp_min(0).sqrt())
 
     @torch.no_grad()
-    def ascent_step(self) -> None:
-        """Ascend along the accumulated auxiliary gradients, clip to ``rho``, clear the gradients."""
+    def ascent_step(self) -> bool:
+        """Ascend along the accumulated auxiliary gradients, clip to ``rho``, clear the gradients. False when
+        a gradient (main or auxiliary) is not finite and the step is skipped (``on_nonfinite="skip"``)."""
         params = self.parameters()
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             raise RuntimeError("Bi-LoRA's auxiliary pair has no gradient: run the training forward and "
                                "backward (model.train()) before ascent_step()")
         all_reduce_mean_(grads)
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            raise FloatingPointError("non-finite gradient of Bi-LoRA's auxiliary pair")
+        auxiliary = {f"{name}.auxiliary_{kind}": p for name, pair in self.pairs.items() for kind, p in zip("AB", pair)}
+        checked = {**trainable(self.model), **auxiliary}
+        if not nonfinite.guard_gradients("Bi-LoRA", self.on_nonfinite, checked, self.step_count):
+            return False
         for p in params:
             if p.grad is not None:
                 p.add_(p.grad, alpha=self.ascent_lr)
@@ -99,6 +107,7 @@ class BiLoRA:
             for p in params:
                 p.mul_(shrink)
         self.step_count += 1
+        return True
 
     def accumulate(self, closure: LossClosure, *, last: bool = True, window: int = 1,
                    backward: Backward = torch.Tensor.backward) -> torch.Tensor:

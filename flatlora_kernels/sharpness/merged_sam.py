@@ -26,9 +26,9 @@ from typing import Iterator
 
 import torch
 
-from .. import checks
-from ._common import (Backward, LossClosure, all_gather_rows, check_policy, clear_grads, lora_layers,
-                      nonfinite, sam_window)
+from .. import checks, nonfinite
+from ..nonfinite import check_policy, clear_gradients
+from ._common import Backward, LossClosure, all_gather_rows, lora_layers, nonfinite_norm, sam_window, trainable
 
 
 class _Record:
@@ -68,10 +68,11 @@ class MergedSAM:
         self.layers = lora_layers(model)
         self.records = {name: _Record() for name in self.layers}
         self._capturing = False
+        self.second_passes = 0  # completed perturbed passes: the step number in messages
 
     @property
     def params(self) -> list[torch.Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return list(trainable(self.model).values())
 
     def _capture_hook(self, name: str):
         record = self.records[name]
@@ -122,7 +123,8 @@ class MergedSAM:
         squared = sum(((x.double() @ x.double().t()) * (dy.double() @ dy.double().t())).sum()
                       for x, dy in rows.values())
         if not bool(torch.isfinite(squared)):
-            nonfinite(self.on_nonfinite, "the merged-weight gradient norm is NaN or inf")
+            nonfinite_norm(self.on_nonfinite, "the merged-weight gradient norm is NaN or inf at step "
+                           f"{self.second_passes + 1}")
             return None
         norm = float(squared.clamp_min(0).sqrt())
         scale = self.rho / norm if norm > 0 else 0.0
@@ -131,9 +133,10 @@ class MergedSAM:
     @contextlib.contextmanager
     def perturbed(self) -> Iterator[bool]:
         """The second pass at ``W + s·BA + e_W`` (forward and backward inside), gradients cleared on
-        entry. Yields False, with the gradients cleared and nothing perturbed, when skipped."""
+        entry. Yields False, with the gradients cleared and nothing perturbed, when skipped. On exit the
+        gradients of the pass are checked before any optimizer sees them (``on_nonfinite``)."""
         factors = self._factors()
-        clear_grads(self.params)
+        clear_gradients(self.params)
         if factors is None:
             yield False
             return
@@ -152,6 +155,9 @@ class MergedSAM:
         finally:
             for handle in handles:
                 handle.remove()
+        nonfinite.guard_gradients("MergedSAM (perturbed pass)", self.on_nonfinite, trainable(self.model),
+                                  self.second_passes)
+        self.second_passes += 1
 
     def accumulate(self, closure: LossClosure, *, last: bool = True, window: int = 1,
                    backward: Backward = torch.Tensor.backward) -> torch.Tensor:

@@ -27,9 +27,10 @@ from typing import Iterator
 
 import torch
 
-from .. import checks
-from ..integration import FlatLoraConfig, apply_flat_lora, schedule_factor
-from ._common import Backward, LossClosure, Snapshot, check_window, generator, lora_factors, rank_tag
+from .. import checks, nonfinite
+from ..config import FlatLoraConfig, resolve_config, schedule_factor
+from ..controller import apply_flat_lora
+from ._common import Backward, LossClosure, Snapshot, check_window, generator, lora_factors, rank_tag, trainable
 
 SCOPES = ("merged", "lora")
 
@@ -50,19 +51,21 @@ class RWP:
             to ``"constant"``, ``total_steps``, ``resample_every``, ``seed``, ``per_rank_noise``).
         lam: weight of the noisy gradient.
         scope: ``"merged"`` or ``"lora"``.
+        on_nonfinite: after the window's last backward the gradients are checked before the optimizer
+            sees them: ``"raise"`` a ``FloatingPointError``, or ``"skip"`` (gradients cleared, so the
+            optimizer step changes nothing, and the next :meth:`step` keeps the sample).
     """
 
     def __init__(self, model: torch.nn.Module, config: FlatLoraConfig | None = None, *, lam: float = 0.5,
-                 scope: str = "merged", **options) -> None:
-        if config is None:
-            config = FlatLoraConfig(**{"schedule": "constant", **options})
-        elif options:
-            raise TypeError(f"pass either a FlatLoraConfig or its fields as keywords, not both (got {sorted(options)})")
+                 scope: str = "merged", on_nonfinite: str = "raise", **options) -> None:
+        config = resolve_config(config, options, defaults={"schedule": "constant"}, owner="RWP")
         config.require_total_steps()
         self.lam = checks.probability("lam", lam, include_one=True)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         self.scope = scope
+        self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
+        self._hold_next_step = False
         self.config = config
         self.model = model
         self.step_count = 0
@@ -132,15 +135,18 @@ class RWP:
                 backward((1.0 - self.lam) * loss)
             with self.noisy():
                 backward(self.lam * closure())
-            return loss.detach()
-        if not last:
+        elif not last:
             with self.clean():
                 loss = closure()
                 backward((1.0 - self.lam) / (window - 1) * loss)
-            return loss.detach()
-        with self.noisy():
-            loss = closure()
-            backward(self.lam * loss)
+        else:
+            with self.noisy():
+                loss = closure()
+                backward(self.lam * loss)
+        if last:
+            finite = nonfinite.guard_gradients(f"RWP ({self.scope})", self.on_nonfinite, trainable(self.model),
+                                               self.step_count)
+            self._hold_next_step = not finite
         return loss.detach()
 
     def two_batch(self, noisy_closure: LossClosure, clean_closure: LossClosure,
@@ -151,16 +157,28 @@ class RWP:
         return self.accumulate(noisy_closure, last=True, window=2, backward=backward)
 
     def step(self) -> None:
-        """Call once per optimizer step, after ``optimizer.step()``: the next sample."""
+        """Call once per optimizer step, after ``optimizer.step()``: the next sample (none after a skipped
+        window)."""
+        if self._hold_next_step:
+            self._hold_next_step = False
+            return
         self.step_count += 1
         if self.controller is not None:
             self.controller.step()
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "scope": self.scope, "lam": self.lam, **self.config.to_dict()}
+        state = {"step": self.step_count, "scope": self.scope, "lam": self.lam, **self.config.to_dict()}
+        if self.controller is not None:
+            state["controller"] = self.controller.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue a run at the saved step (the noise sequence is a function of the step)."""
-        self.step_count = checks.resumed_step("RWP", state, self.state_dict())
+        """Continue a run at the saved step (the noise sequence is a function of the step; the merged
+        scope's controller restores its exact sample)."""
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"RWP load_state_dict expects the dict from RWP.state_dict(), got {state!r:.80}")
+        current = {key: value for key, value in self.state_dict().items() if key != "controller"}
+        self.step_count = checks.resumed_step("RWP", state, current)
+        self._hold_next_step = False
         if self.controller is not None:
-            self.controller.load_state_dict({"step": self.step_count})
+            self.controller.load_state_dict(state.get("controller", {"step": self.step_count}))

@@ -19,12 +19,14 @@ Under DDP the first backward all-reduces ``g``, so ``e`` is the same on every ra
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable, Iterator
 
 import torch
 
-from .. import checks
-from ._common import Backward, LossClosure, Snapshot, check_policy, clear_grads, nonfinite, sam_window
+from .. import checks, nonfinite
+from ..nonfinite import check_policy, clear_gradients
+from ._common import Backward, LossClosure, Snapshot, nonfinite_norm, sam_window
 
 
 def _norm_dtype(t: torch.Tensor) -> torch.dtype:
@@ -43,7 +45,8 @@ class SAMPerturber:
         adaptive: ASAM instead of SAM.
         per_tensor: normalise each tensor by its own norm instead of all together.
         on_nonfinite: ``"raise"`` (``FloatingPointError``) or ``"skip"`` (warn, no perturbation, clear
-            the gradients so the optimizer step that follows changes nothing) on a NaN/inf gradient norm.
+            the gradients so the optimizer step that follows changes nothing) on a NaN/inf gradient, of the
+            first pass (its norm) or of the second, perturbed pass (checked before the optimizer sees it).
     """
 
     def __init__(self, params: Iterable, rho: float = 0.05, *, adaptive: bool = False, per_tensor: bool = False,
@@ -66,6 +69,7 @@ class SAMPerturber:
         self.per_tensor = per_tensor
         self.on_nonfinite = check_policy(on_nonfinite)
         self._snapshot: Snapshot | None = None
+        self.second_passes = 0  # completed perturbed passes: the step number in messages
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -87,7 +91,7 @@ class SAMPerturber:
         scaled = [(p.grad * p.abs() if self.adaptive else p.grad).to(_norm_dtype(p)) for p, _ in entries]
         norms = torch.stack([torch.linalg.vector_norm(t).double() for t in scaled])
         if not bool(torch.isfinite(norms).all()):
-            nonfinite(self.on_nonfinite, "the SAM gradient norm is NaN or inf")
+            nonfinite_norm(self.on_nonfinite, f"the SAM gradient norm is NaN or inf at step {self.second_passes + 1}")
             return []
         if not self.per_tensor:
             norms = torch.linalg.vector_norm(norms).expand(len(entries))
@@ -105,7 +109,7 @@ class SAMPerturber:
             raise RuntimeError("SAM is already at theta + e: call restore() (second_step) before perturbing again")
         entries = self.perturbations()
         if not entries:
-            clear_grads(self.params)
+            clear_gradients(self.params)
             return False
         self._snapshot = Snapshot([p for p, _ in entries])
         for p, e in entries:
@@ -121,11 +125,17 @@ class SAMPerturber:
         self._snapshot = None
         return moved
 
-    def check_second_gradients(self, moved: list[torch.Tensor]) -> None:
+    def check_second_gradients(self, moved: list[torch.Tensor]) -> bool:
+        """After the perturbed pass, before the optimizer: every perturbed parameter has a gradient, and all
+        are finite (True); a non-finite one raises, or with ``"skip"`` clears the gradients (False)."""
         missing = sum(p.grad is None for p in moved)
         if missing:
             raise RuntimeError(f"{missing} perturbed parameters got no gradient in the second pass: the closure "
                                "must recompute the loss and call backward()")
+        named = {f"parameter {i} {tuple(p.shape)}": p for i, p in enumerate(self.params)}
+        finite = nonfinite.guard_gradients("SAM (perturbed pass)", self.on_nonfinite, named, self.second_passes)
+        self.second_passes += 1
+        return finite
 
     @contextlib.contextmanager
     def perturbed(self) -> Iterator[bool]:
@@ -133,7 +143,7 @@ class SAMPerturber:
         Yields False (and perturbs nothing) when the step is skipped."""
         moved_now = self.perturb()
         if moved_now:
-            clear_grads(self.params)
+            clear_gradients(self.params)
         try:
             yield moved_now
         except BaseException:
@@ -177,8 +187,22 @@ class SAM(torch.optim.Optimizer):
     loading between the two steps is an error. See :class:`SAMPerturber` for ``on_nonfinite``.
     """
 
-    def __init__(self, params: Iterable, base_optimizer_cls: type, rho: float = 0.05, adaptive: bool = False,
-                 per_tensor: bool = False, on_nonfinite: str = "raise", **optimizer_kwargs) -> None:
+    def __init__(self, params: Iterable, base_optimizer_cls: type, rho: float = 0.05, *deprecated_positional,
+                 adaptive: bool = False, per_tensor: bool = False, on_nonfinite: str = "raise",
+                 **optimizer_kwargs) -> None:
+        if deprecated_positional:  # adaptive, per_tensor, on_nonfinite were positional before 0.2
+            names = ("adaptive", "per_tensor", "on_nonfinite")
+            if len(deprecated_positional) > len(names):
+                raise TypeError(f"SAM takes at most 3 positional arguments after params, got "
+                                f"{3 + len(deprecated_positional)}")
+            warnings.warn(f"SAM: passing {', '.join(names[:len(deprecated_positional)])} by position is deprecated: "
+                          "use keywords (as SAMPerturber does)", DeprecationWarning, stacklevel=2)
+            adaptive, per_tensor, on_nonfinite = (tuple(deprecated_positional)
+                                                  + (adaptive, per_tensor, on_nonfinite)[len(deprecated_positional):])
+        if not callable(base_optimizer_cls) or (isinstance(base_optimizer_cls, type)
+                                                and not issubclass(base_optimizer_cls, torch.optim.Optimizer)):
+            raise TypeError(f"SAM's base_optimizer_cls must be a torch.optim.Optimizer class such as "
+                            f"torch.optim.AdamW (SAM builds it), got {base_optimizer_cls!r}")
         rho = checks.positive_real("rho", rho)
         super().__init__(params, {"rho": rho, **optimizer_kwargs})
         self.base_optimizer = base_optimizer_cls(self.param_groups, **optimizer_kwargs)
@@ -205,7 +229,8 @@ class SAM(torch.optim.Optimizer):
             self._skipped = False
             self.zero_grad()
             return
-        self.perturber.check_second_gradients(self.perturber.restore())
+        if not self.perturber.check_second_gradients(self.perturber.restore()):
+            return  # the perturbed pass was not finite and on_nonfinite="skip": no base step
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..checkpoint import save_atomically
+
 STATE_FILE = "sharpness_state.pt"
 
 
@@ -54,7 +56,7 @@ class SharpnessTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            torch.save(self.method.state_dict(), os.path.join(output_dir, STATE_FILE))
+            save_atomically(self.method.state_dict(), os.path.join(output_dir, STATE_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -16,9 +16,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .noise import _write_noise_kernel
-from .perturbed_matmul import MATMUL_CONFIGS, _perturbed_matmul_kernel, fast_noise, launch_options
+from .launch_settings import MATMUL_CONFIGS, launch_options, row_norms_blocks
+from .perturbed_matmul import _perturbed_matmul_kernel, matmul_constexprs
 from .quant4bit import tile_constexprs
-from .row_norms import _merged_row_norms_kernel, row_norms_blocks
+from .row_norms import _merged_row_norms_kernel
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 NOISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 128}
@@ -63,7 +64,8 @@ def _matmul_types(dtype: torch.dtype, weight_4bit: bool) -> dict:
     return {
         "a_ptr": POINTER_TYPES[dtype], "w_ptr": "*u8" if weight_4bit else POINTER_TYPES[dtype], "row_std_ptr": "*fp32",
         "absmax_ptr": "*fp32", "codebook_ptr": "*fp32",
-        "bias_ptr": POINTER_TYPES[dtype], "left_ptr": "*fp32", "right_ptr": "*fp32", "keep_ptr": "*i1",
+        "bias_ptr": POINTER_TYPES[dtype], "lora_hidden_ptr": "*fp32", "lora_out_factor_ptr": "*fp32",
+        "dropout_keep_ptr": "*i1",
         "out_ptr": POINTER_TYPES[dtype], "M": "i32", "N": "i32", "K": "i32", "R": "i32",
         "scaling": "fp32", "keep_scale": "fp32", "seed_lo": "i64", "seed_hi": "i64",
         "noise_row_offset": "i64", "noise_col_offset": "i64",
@@ -73,9 +75,10 @@ def _matmul_types(dtype: torch.dtype, weight_4bit: bool) -> dict:
 # What Triton specialises at launch for the usual case (contiguous row-major x, W, dY and output;
 # feature sizes and pointers multiples of 16): unit strides become constants, the rest get a
 # divisibility hint. Without this the compiled loop would use scalar loads a GPU never runs.
-UNIT_STRIDES = ("stride_ak", "stride_wj", "stride_on", "stride_kn")
-DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "row_std_ptr", "bias_ptr", "left_ptr", "right_ptr", "keep_ptr", "out_ptr",
-                   "absmax_ptr", "codebook_ptr", "N", "K", "stride_am", "stride_wi", "stride_om", "stride_km")
+UNIT_STRIDES = ("stride_ak", "stride_wj", "stride_on", "stride_keep_n")
+DIVISIBLE_BY_16 = ("a_ptr", "w_ptr", "row_std_ptr", "bias_ptr", "lora_hidden_ptr", "lora_out_factor_ptr",
+                   "dropout_keep_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N", "K", "stride_am", "stride_wi",
+                   "stride_om", "stride_keep_m")
 
 
 def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: dict,
@@ -84,11 +87,12 @@ def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: 
     a dense W or (``weight_4bit``) a packed 4-bit W whose values are in ``dtype``, with rows of whole
     quantization blocks or not."""
     blocks, options = launch_options(config)
-    constexprs = dict(**dict.fromkeys(UNIT_STRIDES, 1), W_ROWS_ARE_N=forward, HAS_NOISE=True, HAS_BIAS=forward, HAS_LORA=True,
-                      HAS_KEEP=not forward, UPCAST_DOT=False, MANUAL_BF16_ROUNDING=False,
-                      FP32_PRECISION="tf32", FAST_NOISE=fast_noise(dtype), NOISE_COLS_ALIGNED=True, BLOCK_R=16,
-                      **blocks, **weight_4bit_constexprs(dtype if weight_4bit else None, whole_block_rows))
-    constexprs = {k: v for k, v in constexprs.items() if k in _perturbed_matmul_kernel.arg_names}
+    # A LoRA rank of at most 16, fp32 GEMMs on TF32 (torch's allow_tf32 off is the launcher's other choice).
+    constexprs = dict(**dict.fromkeys(UNIT_STRIDES, 1), **matmul_constexprs(
+        dtype, forward=forward, blocks=blocks, weight_tile=weight_4bit_constexprs(dtype if weight_4bit else None,
+                                                                                  whole_block_rows),
+        has_noise=True, has_bias=forward, has_lora=True, has_keep=not forward, rank=16, noise_cols_aligned=True,
+        fp32_precision="tf32"))
     noise_rows, noise_cols = ((blocks["BLOCK_N"], blocks["BLOCK_K"]) if forward
                               else (blocks["BLOCK_K"], blocks["BLOCK_N"]))
     direction = "forward" if forward else "dX"

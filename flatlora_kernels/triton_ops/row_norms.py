@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from ..quant4bit import PackedWeight4bit
-from .common import INTERPRETER, cdiv
+from .common import cdiv
+from .launch_settings import row_norms_blocks
 from .quant4bit import load_weight_tile, weight_operands
 
 
@@ -52,12 +53,6 @@ def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def row_norms_blocks(weight_4bit: bool) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` on a GPU; over a 4-bit W, 32-column tiles keep the dequantization out of
-    local memory on sm_90 (128 columns spill)."""
-    return 64, 32 if weight_4bit else 128
-
-
 def merged_row_norms_triton(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
                             scaling: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 ``(m,)`` norms of the rows of ``W + scaling * lora_B @ lora_A``; ``W`` dense or 4-bit."""
@@ -67,7 +62,7 @@ def merged_row_norms_triton(weight: torch.Tensor | PackedWeight4bit, lora_A: tor
         out = torch.empty(m, dtype=torch.float32, device=weight.device)
     if m == 0:
         return out
-    block_m, block_n = (16, 32) if INTERPRETER else row_norms_blocks(isinstance(weight, PackedWeight4bit))
+    block_m, block_n = row_norms_blocks(isinstance(weight, PackedWeight4bit))
     w, stride_wm, stride_wn, weight_kwargs = weight_operands(weight)
     _merged_row_norms_kernel[(cdiv(m, block_m),)](
         w, lora_A, lora_B, out, m, n, r,
