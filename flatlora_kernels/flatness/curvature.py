@@ -205,12 +205,11 @@ def _block_lanczos(hess: _MergedHessian, generator, block_size: int, max_hvps: i
     couples the next block in: collecting both gives the block tridiagonal matrix column by column. A
     vector that the QR finds (numerically) dependent is dropped, so the block may shrink (deflation).
     """
-    block = _orthonormal_block([hess.random(generator) for _ in range(min(block_size, hess.dim))], [])
+    block, _ = _qr_block([hess.random(generator) for _ in range(min(block_size, hess.dim))], [])
     basis, columns = [], []           # columns[j][i] = q_i^T H q_j for every basis vector i known then
     next_coupling: list[list[float]] = []
     last_block = (0, 0)
-    bar = progress_bar(range(max_hvps // block_size), progress, "block lanczos")
-    for _ in bar:
+    for _ in progress_bar(range(max_hvps // block_size), progress, "block lanczos"):
         if not block or len(basis) + len(block) > hess.dim:
             break
         start = len(basis)
@@ -243,11 +242,9 @@ def _block_lanczos(hess: _MergedHessian, generator, block_size: int, max_hvps: i
     top = torch.argsort(ritz, descending=True)[:k]
     coupling = torch.tensor(next_coupling, dtype=torch.float64) if next_coupling else torch.zeros(0, 0)
     residual_norms = []
-    for i in top:
-        if coupling.numel() == 0:
-            residual_norms.append(0.0)
-        else:  # ||H Q y - theta Q y|| = ||coupling · (last block's rows of y)||
-            residual_norms.append(float(torch.linalg.vector_norm(coupling @ vectors[last_block[0]:last_block[1], i])))
+    for i in top:  # ||H Q y - theta Q y|| = ||coupling · (the last block's entries of y)||
+        last_entries = vectors[last_block[0]:last_block[1], i]
+        residual_norms.append(float(torch.linalg.vector_norm(coupling @ last_entries)) if coupling.numel() else 0.0)
     return [float(ritz[i]) for i in top], residual_norms, size
 
 
@@ -270,10 +267,6 @@ def _qr_block(vectors, basis, drop_below: float = 1e-6):
             rows.append([0.0] * len(vectors))
             rows[-1][j] = norm
     return kept, rows
-
-
-def _orthonormal_block(vectors, basis):
-    return _qr_block(vectors, basis)[0]
 
 
 def _tridiagonal(alphas, betas) -> torch.Tensor:
