@@ -2,6 +2,7 @@
 
     python benchmarks/study_continual.py                 # the committed run (see docs/sharpness-study.md)
     python benchmarks/study_continual.py --preset tiny   # a smoke run (CI, seconds)
+    python benchmarks/study_continual.py --preset sharpness  # seed 0 again, sharpness with 8 Lanczos steps
 
 Tasks (``benchmarks/lexicon_tasks.py``), in this order: Warriner valence → arousal → dominance (1..9,
 regression) → NRC emotion association (ten yes/no labels, multi-label classification). The model is
@@ -71,6 +72,10 @@ PRESETS = {
     "full": Preset(ranks=(4, 8), low_rank_methods=("lora", "flat_lora"), seeds=3, stage_steps=12, per_task_seeds=2,
                    batch=16, train_entries=400, test_entries=200, sharpness_seeds=1, sharpness_entries=32,
                    dominant_batch=8, lanczos_steps=3, epsilon=5e-4, epsilon_steps=2),
+    # seed 0 of "full" again (same training), measured with more Lanczos steps; no per-task adapters
+    "sharpness": Preset(ranks=(4, 8), low_rank_methods=("lora",), seeds=1, stage_steps=12, per_task_seeds=0,
+                        batch=16, train_entries=400, test_entries=200, sharpness_seeds=1, sharpness_entries=32,
+                        dominant_batch=8, lanczos_steps=8, epsilon=5e-4, epsilon_steps=2),
     "tiny": Preset(ranks=(4,), low_rank_methods=(), seeds=1, stage_steps=1, per_task_seeds=1, batch=4,
                    train_entries=12, test_entries=8,
                    sharpness_seeds=1, sharpness_entries=4, dominant_batch=2, lanczos_steps=1, epsilon=5e-4,
