@@ -58,6 +58,7 @@ setup(
     version="0.1.0",
     description="Flat-LoRA with fused Triton kernels: LoRA trained under seed-regenerated weight noise",
     packages=find_packages(include=["flatlora_kernels", "flatlora_kernels.*"]),
+    package_data={"flatlora_kernels.triton_ops": ["path_table.json"]},  # the auto path's table
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",

@@ -13,8 +13,6 @@ every ratio is against PEFT's LoRA layer on the same shape, measured in the same
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,7 +20,7 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
-from common import PASSES, RESULTS, bench_device, device_label, median_ms, pass_callables, slug, write_record
+from common import PASSES, RESULTS, layer_bench_arguments, median_ms, pass_callables, slug, write_record
 
 PRESETS = {
     "7b": dict(shapes=[(4096, 4096), (4096, 11008), (11008, 4096)], tokens=[256, 1024, 4096, 16384]),
@@ -89,16 +87,8 @@ def bench_shape(n: int, m: int, tokens: int, device: torch.device, reps: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="7b on a GPU (default there), tiny on the CPU (default there)")
-    parser.add_argument("--reps", type=int, default=20, help="CPU repetitions per timing")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    args = parser.parse_args()
-    device = bench_device()
-    preset_name = args.preset or ("7b" if device.type == "cuda" else "tiny")
+    args, device, preset_name, label = layer_bench_arguments(__doc__.splitlines()[0], PRESETS, default_reps=20)
     preset = PRESETS[preset_name]
-    label = device_label(device)
     rows = []
     print(f"device: {label} | backend for ours: {fk.backend_name(device)}")
     print(f"{'in':>6} {'out':>6} {'tokens':>6} {'method':>13} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'x LoRA':>7}")

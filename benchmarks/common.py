@@ -16,6 +16,7 @@ taken in the same call, so both sides of a ratio saw the same machine state.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -72,6 +73,20 @@ def median_ms(fns: Sequence[Callable[[], object]], device: torch.device, reps: i
             fn()
             times.append(time.perf_counter() - start)
     return [1e3 * statistics.median(times) for times in samples]
+
+
+def layer_bench_arguments(description: str, presets: dict[str, dict],
+                          default_reps: int) -> tuple[argparse.Namespace, torch.device, str, str]:
+    """The command line of the layer benchmarks (``--preset``, ``--reps``, ``--out``), parsed, with the
+    device, the preset's name (``7b`` on a GPU and ``tiny`` on the CPU unless given) and the device's label."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=sorted(presets), default=None,
+                        help="7b on a GPU (default there), tiny on the CPU (default there)")
+    parser.add_argument("--reps", type=int, default=default_reps, help="CPU repetitions per timing")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args()
+    device = bench_device()
+    return args, device, args.preset or ("7b" if device.type == "cuda" else "tiny"), device_label(device)
 
 
 def pass_callables(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor],

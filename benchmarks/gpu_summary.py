@@ -3,11 +3,13 @@
     python benchmarks/gpu_summary.py RESULTS_DIR [--part quick --steps STEPS.tsv] [--dry-run]
 
 Reads what ``benchmarks/gpu_suite.sh`` leaves in RESULTS_DIR: ``flatlora-bench/1`` records
-(``layer-*.json`` from bench_layer.py, ``table7-*.json``, ``suite-*.json``, ``kernel-budget.json``),
-``pytest-benchmark.json`` and the junit report ``tests-cuda.xml``. With ``--steps`` (the suite's
-tab-separated step log) it first writes ``suite-<part>.json``, the record of that part's steps. Then
-it writes ``summary.md`` over everything in the folder, so a summary made after both parts, or here
-over the fetched files of both device calls, covers the whole suite.
+(``paths-*.json`` from bench_paths.py, ``layer-*.json`` from bench_layer.py, ``table7-*.json``,
+``suite-*.json``, ``kernel-budget.json``), ``pytest-benchmark.json`` and the junit report
+``tests-cuda.xml``. With ``--steps`` (the suite's tab-separated step log) it first writes
+``suite-<part>.json``, the record of that part's steps. Then it writes ``summary.md`` over everything
+in the folder, so a summary made after both parts, or here over the fetched files of both device
+calls, covers the whole suite; and from a ``paths`` record, ``path_table.json``: the measured table
+that ``path="auto"`` reads once it is committed as ``flatlora_kernels/triton_ops/path_table.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import SCHEMA, bench_device, write_record
+from flatlora_kernels.paths import TABLE_SCHEMA, load_path_table
 
 # Keep in step with benchmarks/NOTES.md: what it predicted for each goal before any GPU run.
 NOTES_PREDICTIONS = {
@@ -31,7 +34,7 @@ NOTES_PREDICTIONS = {
 }
 
 
-KNOWN = {"layer", "table7", "gpu_suite"}  # the records summarised in their own tables below
+KNOWN = {"layer", "paths", "table7", "gpu_suite"}  # the records summarised in their own tables below
 
 
 @dataclass
@@ -92,11 +95,13 @@ def goals(records: dict[str, list[dict]], pytest_json: dict | None) -> list[Goal
     """Issue 13's goals, each with what this folder's results measured."""
     goal_list = []
     layers = [(rec, row) for rec in records.get("layer", []) for row in rec["results"] if row["method"] == "flat_lora"]
+    layers += [(rec, row) for rec in records.get("paths", []) for row in best_paths(rec["results"])]
     layer_gpu = all(rec["environment"]["device_type"] == "cuda" for rec, _ in layers)
     for name, target, limit, tokens in (("layer fwd+bwd, 1024 tokens", "≤ 1.10× PEFT LoRA", 1.10, {1024}),
                                         ("layer fwd+bwd, 4096–16384 tokens", "≤ 1.05× PEFT LoRA", 1.05,
                                          set(range(4096, 16385)))):
-        value, detail = _max_with_detail({f"{r['in']}→{r['out']} t{r['tokens']}": r["fwdbwd_ratio"]
+        value, detail = _max_with_detail({f"{r['in']}→{r['out']} t{r['tokens']}"
+                                          + (f" {r['method']}" if r["method"] != "flat_lora" else ""): r["fwdbwd_ratio"]
                                           for _, r in layers if r["tokens"] in tokens})
         goal_list.append(Goal(name, target, limit, value, detail, NOTES_PREDICTIONS["layer"], layer_gpu))
     table7 = [(rec, row) for rec in records.get("table7", []) for row in rec["results"] if row["method"] == "flat_lora"]
@@ -122,6 +127,73 @@ def goals(records: dict[str, list[dict]], pytest_json: dict | None) -> list[Goal
     goal_list.append(Goal("merged row norms", "≤ 1.3× one read of W", 1.3, value, detail, NOTES_PREDICTIONS["norms"],
                           norms_gpu))
     return goal_list
+
+
+def best_paths(rows: list[dict]) -> list[dict]:
+    """Per (shape, tokens) of a ``paths`` record, the row of the faster of the fused and slab paths."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["in"], r["out"], r["tokens"])
+        if r["method"] in ("fused", "slab") and (key not in best or r["fwdbwd_ms"] < best[key]["fwdbwd_ms"]):
+            best[key] = r
+    return list(best.values())
+
+
+def crossovers(rows: list[dict]) -> dict[tuple[int, int], int | None]:
+    """Per (in, out) shape: the smallest measured token count from which the slab path is at least as fast
+    as the fused kernels at that and every larger measured count (None: the fused kernels win at the largest)."""
+    by_shape: dict[tuple[int, int], dict[int, dict[str, float]]] = {}
+    for r in rows:
+        if r["method"] in ("fused", "slab"):
+            by_shape.setdefault((r["in"], r["out"]), {}).setdefault(r["tokens"], {})[r["method"]] = r["fwdbwd_ms"]
+    result = {}
+    for shape, by_tokens in by_shape.items():
+        crossover = None
+        for tokens in sorted(by_tokens, reverse=True):
+            if by_tokens[tokens]["slab"] > by_tokens[tokens]["fused"]:
+                break
+            crossover = tokens
+        result[shape] = crossover
+    return result
+
+
+def measured_path_table(record: dict, committed: dict) -> dict:
+    """The ``auto`` table with this ``paths`` record's device class measured: one bf16 row per shape, by
+    weight size (the largest shape's row has no size limit), then the committed default rows for what was
+    not measured (other dtypes); every other class as committed."""
+    found = sorted(crossovers(record["results"]).items(), key=lambda item: item[0][0] * item[0][1])
+    rows = [{"dtype": "16bit", "max_weight_elements": None if i == len(found) - 1 else n * m,
+             "slab_from_tokens": tokens} for i, ((n, m), tokens) in enumerate(found)]
+    env = record["environment"]
+    source = (f"measured by benchmarks/bench_paths.py on {env['device']} (commit {env['git_commit']}, {env['utc']}): "
+              "bf16 fwd+bwd crossover of the slab path over the fused kernels per shape; other dtypes keep the "
+              "default class's rows")
+    return {"schema": TABLE_SCHEMA, "source": source,
+            "classes": {**committed["classes"], record["config"]["device_class"]: rows + committed["classes"]["default"]}}
+
+
+def paths_section(rec: dict) -> list[str]:
+    """The crossover table of one ``paths`` record: each method's time beside PEFT LoRA's, and peak memory."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in rec["results"]:
+        cells.setdefault((r["in"], r["out"], r["tokens"]), {})[r["method"]] = r
+    rows = []
+    for (n, m, tokens), by_method in cells.items():
+        row = [f"{n}→{m}", tokens, f"{by_method['lora']['fwdbwd_ms']:.3g}"]
+        row += [f"{by_method[k]['fwdbwd_ratio']:.2f}×" for k in ("public", "fused", "slab")]
+        row.append("slab" if by_method["slab"]["fwdbwd_ms"] <= by_method["fused"]["fwdbwd_ms"] else "fused")
+        row.append(" / ".join("-" if by_method[k]["peak_extra_mib"] is None else f"{by_method[k]['peak_extra_mib']:.0f}"
+                              for k in ("lora", "public", "fused", "slab")))
+        rows.append(row)
+    lines = [f"## GPU paths: layer fwd+bwd against PEFT LoRA (bench_paths.py, {rec['environment']['device']})", ""]
+    lines += table(["shape", "tokens", "LoRA ms", "public", "fused", "slab", "faster path",
+                    "peak extra MiB (LoRA / public / fused / slab)"], rows)
+    found = crossovers(rec["results"])
+    lines += [f"- slab from {'never (fused wins at the largest count)' if t is None else f'{t} tokens'} on {n}→{m}"
+              for (n, m), t in found.items()]
+    lines += [f"- measured `auto` table for class `{rec['config']['device_class']}`: path_table.json here; commit it "
+              "as flatlora_kernels/triton_ops/path_table.json", ""]
+    return lines
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -156,6 +228,9 @@ def summary(results_dir: Path, dry_run: bool) -> str:
     lines += ["## Goals (issue 13) beside the measurements and NOTES.md's predictions", ""]
     lines += ["| goal | target | measured | verdict | NOTES.md predicted |", "|---|---|---|---|---|"]
     lines += [goal.row() for goal in goals(records, pytest_json)] + [""]
+
+    for rec in records.get("paths", []):
+        lines += paths_section(rec)
 
     for rec in records.get("layer", []):
         rows = rec["results"]
@@ -222,6 +297,11 @@ def main() -> None:
     out = args.results_dir / "summary.md"
     out.write_text(summary(args.results_dir, args.dry_run))
     print(f"wrote {out}")
+    measured = load(args.results_dir)[0].get("paths", [])
+    if measured:
+        table_path = args.results_dir / "path_table.json"
+        table_path.write_text(json.dumps(measured_path_table(measured[-1], load_path_table()), indent=1) + "\n")
+        print(f"wrote {table_path}")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def _parse(line: str):
 
 def budget(variant, compiled) -> dict:
     cubin = compiled.asm["cubin"]
-    body = loop_body(disassemble(cubin), has_main_loop=variant.role != "noise")
+    body = loop_body(disassemble(cubin), has_main_loop=variant.role not in ("noise", "slab"))  # straight-line kernels
     resources = resource_usage(cubin)
     counts = body["hot"]
     threads = 32 * variant.num_warps

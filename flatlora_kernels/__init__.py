@@ -3,8 +3,9 @@
 Public API:
 
 * :func:`generate_noise`, :func:`merged_row_norms`, :func:`flat_lora_linear` (functional);
-* :class:`FlatLoraLinear`, a drop-in subclass of PEFT's LoRA ``Linear`` (``FlatLoraLinear4bit`` for
-  QLoRA's ``lora.bnb.Linear4bit`` where bitsandbytes is installed);
+* :class:`FlatLoraLinear`, a drop-in subclass of PEFT's LoRA ``Linear`` (vanilla LoRA, ``lora_bias``, DoRA),
+  :class:`FlatSVDLinear` for AdaLoRA's ``SVDLinear`` (``FlatLoraLinear4bit`` for QLoRA's
+  ``lora.bnb.Linear4bit`` where bitsandbytes is installed);
 * :class:`FlatLoraConfig` (:mod:`~flatlora_kernels.config`), :func:`apply_flat_lora` (takes a config or
   its fields, returns a :class:`FlatLora` controller) and :func:`register_flat_lora`
   (:mod:`~flatlora_kernels.controller`), and :class:`FlatLoraCallback` for ``transformers.Trainer``
@@ -14,7 +15,8 @@ Public API:
 * :mod:`flatlora_kernels.flatness`: Hessian spectra, sharpness and loss surfaces of the merged weights;
 * :func:`save_atomically` and :func:`last_complete_checkpoint` (:mod:`~flatlora_kernels.checkpoint`): saving a
   crash cannot corrupt, and the newest Trainer checkpoint a crash did not cut short;
-* :func:`backend_name` tells which implementation runs for a device; :func:`native_available`
+* :func:`backend_name` tells which implementation runs for a device, :func:`path_name` which GPU path
+  (fused kernels or slabs, :mod:`~flatlora_kernels.paths`) a call takes; :func:`native_available`
   whether the compiled C++ ops are installed.
 """
 
@@ -26,8 +28,9 @@ from .functional import flat_lora_linear, generate_noise, merged_row_norms
 from .config import FlatLoraConfig
 from .controller import FlatLora, apply_flat_lora, register_flat_lora
 from . import layer
-from .layer import FlatLoraLinear
+from .layer import FlatLoraLinear, FlatSVDLinear
 from .native import native_available
+from .paths import path_name
 from .sharpness import RWP, SAM, BiLoRA, MergedSAM, SAMPerturber
 
 __version__ = "0.1.0"
@@ -38,9 +41,9 @@ if TYPE_CHECKING:  # the lazy names below, visible to type checkers and the API 
     from .sharpness.trainer import SharpnessTrainer
     from .callback import FlatLoraCallback
 
-__all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraConfig", "FlatLoraLinear", "apply_flat_lora", "backend_name",
-           "flat_lora_linear", "generate_noise", "last_complete_checkpoint", "merged_row_norms", "native_available",
-           "register_flat_lora", "save_atomically",
+__all__ = ["FlatLora", "FlatLoraCallback", "FlatLoraConfig", "FlatLoraLinear", "FlatSVDLinear", "apply_flat_lora",
+           "backend_name", "flat_lora_linear", "generate_noise", "last_complete_checkpoint", "merged_row_norms",
+           "native_available", "path_name", "register_flat_lora", "save_atomically",
            "BiLoRA", "MergedSAM", "RWP", "SAM", "SAMPerturber", "SharpnessTrainer", "flatness"]
 if layer.LoraLinear4bit is not None:  # FlatLoraLinear4bit exists where bitsandbytes does
     __all__.append("FlatLoraLinear4bit")

@@ -2,10 +2,12 @@
 (Triton on CUDA, native C++ on the CPU when built, else the torch reference).
 
 Every backend provides the same three operations with the reference's semantics:
-``noise(seed, m, n, device, offset=(r0, c0))``, ``row_norms(weight, lora_A, lora_B, scaling)`` and
-``perturbed_matmul(call, out=None)`` on a :class:`~flatlora_kernels.matmul_call.PerturbedMatmul` (see
-:mod:`flatlora_kernels.reference`); ``offset`` and the call's ``noise_offset`` place the weight inside a
-larger logical one (tensor parallelism).
+``noise(seed, m, n, device, offset=(r0, c0))``, ``row_norms(weight, lora_A, lora_B, scaling, *, seed=None,
+row_std=None, noise_offset=(0, 0))`` (the norms of the perturbed merged weight when ``row_std`` is given: DoRA's)
+and ``perturbed_matmul(call, out=None)`` on a :class:`~flatlora_kernels.matmul_call.PerturbedMatmul` (see
+:mod:`flatlora_kernels.reference`); ``offset``, the norms' and the call's ``noise_offset`` place the weight
+inside a larger logical one (tensor parallelism). The call's ``path`` (fused kernels or
+slabs, :mod:`flatlora_kernels.paths`) matters to the Triton backend only: the others have one form, the slab form.
 
 A 4-bit base (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`): the Triton kernels dequantize
 its tiles in registers; the native C++ ops take dense weights only, so under the native backend it
@@ -69,7 +71,14 @@ def _triton_backend() -> Backend:
 def _native_backend() -> Backend:
     from .native import generate_noise_native, merged_row_norms_native, perturbed_matmul_native
 
-    return Backend("native", generate_noise_native, merged_row_norms_native, perturbed_matmul_native)
+    def row_norms(weight, lora_A, lora_B, scaling, *, row_std=None, **noise):
+        if row_std is None:
+            return merged_row_norms_native(weight, lora_A, lora_B, scaling)
+        # The C++ norms op takes no noise: the reference's row blocks, each block's noise from C++.
+        return reference.merged_row_norms(weight, lora_A, lora_B, scaling, row_std=row_std,
+                                          noise=generate_noise_native, **noise)
+
+    return Backend("native", generate_noise_native, row_norms, perturbed_matmul_native)
 
 
 @functools.lru_cache(maxsize=None)

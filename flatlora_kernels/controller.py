@@ -29,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 
 from . import checks, nonfinite
 from .config import FlatLoraConfig, resolve_config, schedule_factor
-from .layer import FlatLoraLinear, as_flat_lora, noise_unsupported_reason
+from .layer import FlatLoraLinear, as_flat_lora, check_not_merged, noise_unsupported_reason
 from .noise import CONTRACT_VERSION, layer_seed
 
 logger = logging.getLogger("flatlora_kernels")
@@ -106,15 +106,22 @@ class FlatLora:
                                          f"{self.step_count} (sigma_t={self.sigma_t:.4g}): {exc}") from None
 
     def factors(self) -> dict[str, torch.nn.Parameter]:
-        """The trainable LoRA factors of the adopted layers, by ``layer.lora_A.adapter`` name."""
+        """The trainable adapter parameters of the adopted layers (LoRA's A and B, and where the variant has
+        them the LoRA bias, AdaLoRA's E, DoRA's magnitude), by ``layer.lora_A.adapter`` name (a module's
+        other parameters get their own name appended, e.g. ``layer.lora_B.adapter.bias``)."""
         found = {}
         for name, layer in self.layers.items():
             for adapter in layer.active_adapters:
-                for kind in ("lora_A", "lora_B"):
-                    if adapter in getattr(layer, kind):
-                        p = getattr(layer, kind)[adapter].weight
+                for kind in layer.adapter_layer_names:
+                    container = getattr(layer, kind)
+                    if adapter not in container:
+                        continue
+                    item = container[adapter]
+                    params = [("weight", item)] if isinstance(item, torch.nn.Parameter) else item.named_parameters()
+                    for param_name, p in params:
                         if p.requires_grad:
-                            found[f"{name}.{kind}.{adapter}"] = p
+                            suffix = "" if param_name == "weight" else f".{param_name}"
+                            found[f"{name}.{kind}.{adapter}{suffix}"] = p
         return found
 
     def _versions(self) -> list[int]:
@@ -251,7 +258,7 @@ class FlatLora:
             # the seed is a function of the config, the sample index and this rank; the saved one may be
             # another rank's, so it is derived again rather than read
             try:
-                layer.restore_noise(seed, entry["row_std"])
+                layer.restore_noise(seed, entry["row_std"], self.sigma_t)
             except ValueError as exc:
                 raise ValueError(f"Flat-LoRA state's sample for {name}: {exc}") from None
 
@@ -299,6 +306,7 @@ def _split_lora_layers(peft_model: torch.nn.Module) -> tuple[dict[str, LoraLayer
         if getattr(module, "flat_lora_controlled", False):
             raise ValueError(f"apply_flat_lora was already called on this model ({name} is controlled); "
                              "keep using the FlatLora object it returned")
+        check_not_merged(module, name)
         reason = noise_unsupported_reason(module)
         if reason is None:
             layers[name] = module
@@ -315,9 +323,13 @@ def apply_flat_lora(peft_model: torch.nn.Module, config: FlatLoraConfig | None =
     Also adopts layers that are already ``FlatLoraLinear`` (from :func:`register_flat_lora`).
     Returns the controller; call its :meth:`FlatLora.step` after each optimizer step.
 
-    LoRA layers that Flat-LoRA cannot perturb (``Embedding``/``Conv`` LoRA, 8-bit and other quantized
-    bases, DoRA and other variants, ``lora_bias``, subclasses of PEFT's ``Linear``) would train without noise: they are listed in the controller's
-    ``skipped`` and ``repr``, logged, and named in a warning; with ``strict=True`` they are an error.
+    Adopted: PEFT's ``lora.Linear`` with vanilla LoRA, ``lora_bias`` or DoRA adapters, AdaLoRA's
+    ``SVDLinear`` (as ``FlatSVDLinear``), and each of them as the ``FSDP<Cls>`` class FSDP2's
+    ``fully_shard`` makes when applied to the layer itself. LoRA layers that Flat-LoRA cannot perturb
+    (``Embedding``/``Conv`` LoRA, 8-bit and other quantized bases, other variants, subclasses of PEFT's
+    ``Linear``) would train without noise: they are listed in the controller's ``skipped`` and ``repr``,
+    logged, and named in a warning; with ``strict=True`` they are an error. A model with a merged
+    adapter (``merge_adapter()``) is refused: unmerge it first.
 
     Args:
         config: a :class:`FlatLoraConfig`; or give its fields as keyword arguments
@@ -339,9 +351,13 @@ def apply_flat_lora(peft_model: torch.nn.Module, config: FlatLoraConfig | None =
         raise ValueError("strict=True: these LoRA layers cannot be trained with Flat-LoRA noise:\n"
                          + "\n".join(f"  {name}: {reason}" for name, reason in skipped.items()))
     if not layers:
-        found = f" (it has {len(skipped)} LoRA layers Flat-LoRA cannot drive: {sorted(skipped)})" if skipped else ""
-        raise ValueError("the model has no PEFT LoRA Linear layers" + found + ": wrap it with peft.get_peft_model "
-                         "(or load an adapter with PeftModel.from_pretrained) first")
+        if skipped:
+            raise ValueError(f"none of the model's {len(skipped)} LoRA layers can be trained with Flat-LoRA noise:"
+                             + _skipped_lines(skipped) + "\nFlat-LoRA drives PEFT LoRA Linear layers (vanilla LoRA, "
+                             "lora_bias, DoRA) and AdaLoRA SVDLinear layers over dense float or 4-bit bases: target "
+                             "Linear modules, or train these layers without Flat-LoRA")
+        raise ValueError("the model has no PEFT LoRA layers: wrap it with peft.get_peft_model "
+                         "(or load an adapter with PeftModel.from_pretrained(..., is_trainable=True)) first")
     for name, module in layers.items():
         if module.in_features == 0 or module.out_features == 0:
             raise ValueError(f"LoRA layer {name} has in_features={module.in_features}, "

@@ -11,6 +11,7 @@ from .backends import get_backend
 from .distributed import is_dtensor, sharded_merged_row_norms
 from .matmul_call import PerturbedMatmul
 from .noise import check_seed, seed_from_int64, seed_to_int64
+from .paths import check_backend_has_path, requested_path
 from .quant4bit import PackedWeight4bit
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -102,7 +103,8 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
 
 
 def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, *, seed: int | None = None, row_std: torch.Tensor | None = None,
+                     noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """``||W[i, :] + scaling * B[i, :] @ A||_2`` for every row, float32 ``(m,)``, never forming ``B @ A``.
 
     ``weight`` is the logical ``(out_features, in_features)`` matrix (a transposed view is fine).
@@ -110,9 +112,28 @@ def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tens
     being gathered (:mod:`flatlora_kernels.distributed`); a 4-bit base is dequantized tile by tile
     in registers by the Triton kernel, else a block of rows at a time by the reference. Not
     differentiable: it is a statistic of the current weights.
+
+    With ``row_std`` (and ``seed``), the norms of the *perturbed* merged weight
+    ``W + diag(row_std) Z(seed)[r0:, c0:] + scaling * B A`` (``(r0, c0) = noise_offset``), the noise
+    regenerated tile by tile in the Triton kernel, else a block of rows at a time: what DoRA divides
+    by under Flat-LoRA. Dense, unsharded weights only.
     """
     _check_lora(weight, lora_A, lora_B)
     scaling = checks.finite_real("scaling", scaling)
+    if row_std is not None:
+        if isinstance(weight, PackedWeight4bit) or is_dtensor(weight):
+            raise NotImplementedError("merged_row_norms with row_std takes a dense, unsharded weight, got "
+                                      f"{type(weight).__name__}")
+        check_seed(seed)
+        check_row_std(row_std, weight)
+        noise_offset = check_noise_offset(noise_offset, *weight.shape)
+    return _merged_row_norms(weight, lora_A, lora_B, scaling, seed=seed, row_std=row_std, noise_offset=noise_offset)
+
+
+def _merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      scaling: float, *, seed: int | None = None, row_std: torch.Tensor | None = None,
+                      noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """:func:`merged_row_norms` on arguments the caller has checked (the layer, once per sample)."""
     lora_A, lora_B = lora_A.detach(), lora_B.detach()
     with torch.no_grad():
         if isinstance(weight, PackedWeight4bit):
@@ -120,7 +141,10 @@ def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tens
         row_norms = get_backend(weight.device).row_norms
         if is_dtensor(weight):
             return sharded_merged_row_norms(weight.detach(), lora_A, lora_B, scaling, row_norms)
-        return row_norms(weight.detach(), lora_A, lora_B, scaling)
+        if row_std is None:
+            return row_norms(weight.detach(), lora_A, lora_B, scaling)
+        return row_norms(weight.detach(), lora_A, lora_B, scaling, seed=seed, row_std=row_std,
+                         noise_offset=noise_offset)
 
 
 @torch.library.custom_op("flatlora::perturbed_matmul", mutates_args=())
@@ -128,16 +152,24 @@ def perturbed_matmul_op(
     a: torch.Tensor, weight: torch.Tensor, transpose_weight: bool, seed: int, row_std: Optional[torch.Tensor],
     out_dtype: torch.dtype, bias: Optional[torch.Tensor], lora_hidden: Optional[torch.Tensor],
     lora_out_factor: Optional[torch.Tensor], scaling: float, dropout_keep: Optional[torch.Tensor],
-    keep_scale: float, noise_row_offset: int, noise_col_offset: int,
+    keep_scale: float, path: str, noise_row_offset: int, noise_col_offset: int,
 ) -> torch.Tensor:
     """The registered operator behind the layer: one opaque node for ``torch.compile``. Its arguments are
     the fields of :class:`~flatlora_kernels.matmul_call.PerturbedMatmul` in order (an operator takes
     tensors and scalars: the seed as a signed int64, the noise offset as two ints); it runs the
     selected backend on that call."""
     call = _call_from_op_arguments(a, weight, transpose_weight, seed, row_std, out_dtype, bias, lora_hidden,
-                                   lora_out_factor, scaling, dropout_keep, keep_scale, noise_row_offset,
+                                   lora_out_factor, scaling, dropout_keep, keep_scale, path, noise_row_offset,
                                    noise_col_offset)
-    return get_backend(a.device).perturbed_matmul(call)
+    return _run_backend(call)
+
+
+def _run_backend(call: PerturbedMatmul) -> torch.Tensor:
+    """``call`` on the backend for its device. The path ("auto" resolved per call by the table) is
+    chosen here, inside the op, so that ``torch.compile`` never traces the choice."""
+    backend = get_backend(call.a.device, call.weight)
+    check_backend_has_path(call.path, backend.name, call.a.device)
+    return backend.perturbed_matmul(call)
 
 
 def _call_from_op_arguments(a, weight, transpose_weight, seed, *fields_after_seed) -> PerturbedMatmul:
@@ -155,12 +187,12 @@ def _perturbed_matmul_fake(*arguments):
 
 def _perturbed_matmul(call: PerturbedMatmul) -> torch.Tensor:
     """The registered op for a dense weight; a 4-bit base (a dataclass, which the op cannot take)
-    calls its backend directly: the fused Triton kernel, or the reference's row-block path."""
+    calls its backend directly: the fused Triton kernel or the slab path, or the reference's row-block path."""
     if isinstance(call.weight, PackedWeight4bit):
-        return get_backend(call.a.device, call.weight).perturbed_matmul(call)
+        return _run_backend(call)
     return perturbed_matmul_op(call.a, call.weight, call.transpose_weight, seed_to_int64(call.seed), call.row_std,
                                call.out_dtype, call.bias, call.lora_hidden, call.lora_out_factor, call.scaling,
-                               call.dropout_keep, call.keep_scale, *call.noise_offset)
+                               call.dropout_keep, call.keep_scale, call.path, *call.noise_offset)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -177,12 +209,13 @@ class FlatLoraLinearFunction(torch.autograd.Function):
     (:class:`~flatlora_kernels.quant4bit.PackedWeight4bit`), dequantized tile by tile in the Triton
     kernels, else a block of rows at a time.
     Without LoRA factors (``lora_A = lora_B = None``) it is the perturbed base linear alone.
-    ``noise_offset`` is where ``W`` starts in the logical weight (a tensor-parallel shard).
+    ``noise_offset`` is where ``W`` starts in the logical weight (a tensor-parallel shard); ``path``
+    is the one asked for ("auto", "fused" or "slab"): both passes resolve it alike (same sizes and dtype).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, seed, row_std, dropout_p,
-                compute_dtype, lora_dtype, noise_offset):
+                compute_dtype, lora_dtype, noise_offset, path):
         keep = lora_hidden = None
         if lora_A is not None:
             x_lora = x.to(lora_dtype)
@@ -194,12 +227,12 @@ class FlatLoraLinearFunction(torch.autograd.Function):
         y = _perturbed_matmul(PerturbedMatmul(
             x, weight, transpose_weight=True, seed=seed_from_int64(seed), row_std=row_std, out_dtype=compute_dtype,
             bias=bias, lora_hidden=lora_hidden, lora_out_factor=None if lora_B is None else lora_B.t(),
-            scaling=scaling, noise_offset=noise_offset))
+            scaling=scaling, path=path, noise_offset=noise_offset))
         packed = isinstance(weight, PackedWeight4bit)
         ctx.packed_weight = weight if packed else None  # not a tensor: kept by reference, like a parameter
         ctx.save_for_backward(x, None if packed else weight, lora_A, lora_B, row_std, keep, lora_hidden)
         ctx.config = (scaling, seed, dropout_p, compute_dtype, lora_dtype, None if bias is None else bias.dtype,
-                      noise_offset)
+                      noise_offset, path)
         return y
 
     @staticmethod
@@ -207,7 +240,7 @@ class FlatLoraLinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, row_std, keep, lora_hidden = ctx.saved_tensors
         if ctx.packed_weight is not None:
             weight = ctx.packed_weight
-        scaling, seed, dropout_p, compute_dtype, lora_dtype, bias_dtype, noise_offset = ctx.config
+        scaling, seed, dropout_p, compute_dtype, lora_dtype, bias_dtype, noise_offset, path = ctx.config
         keep_scale = 1.0 / (1.0 - dropout_p)
         with torch.autocast(x.device.type, enabled=False):
             grad_lora = grad_y.to(lora_dtype)
@@ -218,7 +251,7 @@ class FlatLoraLinearFunction(torch.autograd.Function):
                 grad_x = _perturbed_matmul(PerturbedMatmul(
                     grad_y, weight, transpose_weight=False, seed=seed_from_int64(seed), row_std=row_std,
                     out_dtype=compute_dtype, lora_hidden=grad_hidden, lora_out_factor=lora_A, scaling=scaling,
-                    dropout_keep=keep, keep_scale=keep_scale, noise_offset=noise_offset)).to(x.dtype)
+                    dropout_keep=keep, keep_scale=keep_scale, path=path, noise_offset=noise_offset)).to(x.dtype)
             if ctx.needs_input_grad[3]:
                 x_lora = x.to(lora_dtype)
                 if keep is not None:
@@ -228,13 +261,13 @@ class FlatLoraLinearFunction(torch.autograd.Function):
                 grad_B = (scaling * (grad_lora.t() @ lora_hidden)).to(lora_B.dtype)
             if bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = grad_y.float().sum(0).to(bias_dtype)
-        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None, None
 
 
 def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, bias: torch.Tensor | None,
                      lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, *, seed: int,
                      row_std: torch.Tensor | None, dropout_p: float = 0.0,
-                     noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                     noise_offset: tuple[int, int] = (0, 0), path: str = "auto") -> torch.Tensor:
     """LoRA linear layer evaluated at the perturbed merged weight ``W + diag(row_std) Z(seed) + s·BA``.
 
     Args:
@@ -254,6 +287,10 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, b
         noise_offset: ``(r0, c0)`` when ``weight`` is the block of a larger logical weight that starts
             at row ``r0`` and column ``c0`` (a tensor-parallel shard): it is perturbed with
             ``Z(seed)[r0 : r0 + out_features, c0 : c0 + in_features]``, the noise the whole weight has there.
+        path: "auto", "fused" or "slab": how the Triton backend forms the perturbed product (see
+            :mod:`flatlora_kernels.paths`; ``FLATLORA_PATH`` overrides it, :func:`~flatlora_kernels.path_name`
+            tells which one a call takes). Same values either way, up to summation order and the slab
+            path's second rounding of the LoRA term in 16-bit.
 
     Returns ``(..., out_features)`` in the input's dtype, or the autocast dtype under autocast.
     Differentiable in ``x``, ``lora_A``, ``lora_B`` and ``bias``; the noise is regenerated, not
@@ -263,13 +300,13 @@ def flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, b
         _check_lora(weight, lora_A, lora_B)
         check_row_std(row_std, weight)
     return _flat_lora_linear(x, weight, bias, lora_A, lora_B, scaling, seed=seed, row_std=row_std,
-                             dropout_p=dropout_p, noise_offset=noise_offset)
+                             dropout_p=dropout_p, noise_offset=noise_offset, path=path)
 
 
 def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, bias: torch.Tensor | None,
                       lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, *, seed: int,
                       row_std: torch.Tensor | None, dropout_p: float = 0.0,
-                      noise_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                      noise_offset: tuple[int, int] = (0, 0), path: str = "auto") -> torch.Tensor:
     """:func:`flat_lora_linear` without reading ``row_std``'s values, for callers inside the package
     that built ``c`` themselves: the layer (checked once per sample, not per call) and the
     flatness toolkit (whose signed steps along a direction need negative ``c``)."""
@@ -302,7 +339,8 @@ def _flat_lora_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight4bit, 
     if compute_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"autocast dtype {compute_dtype} is not supported")
     x2 = x.reshape(-1, n)
+    path = requested_path(path)
     with torch.autocast(x.device.type, enabled=False):
         y = FlatLoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, seed64, row_std,
-                                         dropout_p, compute_dtype, lora_dtype, noise_offset)
+                                         dropout_p, compute_dtype, lora_dtype, noise_offset, path)
     return y.reshape(*x.shape[:-1], m)

@@ -14,6 +14,8 @@ import torch
 
 from .quant4bit import PackedWeight4bit
 
+PATHS = ("auto", "fused", "slab")  # how the Triton backend forms the product: flatlora_kernels.paths
+
 
 @dataclass(frozen=True)
 class PerturbedMatmul:
@@ -36,7 +38,9 @@ class PerturbedMatmul:
     ``a`` and ``Wp`` are rounded to ``out_dtype`` and multiplied with float32 accumulation; the
     LoRA term, mask and bias are added in float32; the sum is rounded once to ``out_dtype``.
     ``weight`` is the logical ``(m, n)`` base weight, dense or 4-bit; ``row_std`` is ``c``
-    (float32 ``(m,)``) or None for no noise; ``seed`` is in ``[0, 2**64)``.
+    (float32 ``(m,)``) or None for no noise; ``seed`` is in ``[0, 2**64)``. ``path`` says how the Triton
+    backend forms the product ("fused" kernels, "slab" path, or "auto": the committed table decides; see
+    :mod:`flatlora_kernels.paths`); the other backends have one form and ignore it.
     """
 
     a: torch.Tensor
@@ -51,6 +55,7 @@ class PerturbedMatmul:
     scaling: float = 1.0
     dropout_keep: torch.Tensor | None = None
     keep_scale: float = 1.0
+    path: str = "auto"
     noise_offset: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
@@ -58,6 +63,8 @@ class PerturbedMatmul:
             raise ValueError("lora_hidden and lora_out_factor come together: pass both or neither")
         if self.dropout_keep is not None and self.lora_hidden is None:
             raise ValueError("dropout_keep masks the LoRA term, but lora_hidden is None")
+        if self.path not in PATHS:
+            raise ValueError(f"path={self.path!r} is not a path; choose one of {', '.join(PATHS)}")
 
     @property
     def out_shape(self) -> tuple[int, int]:

@@ -77,14 +77,21 @@ def perturbed_matmul(call: PerturbedMatmul, *, out: torch.Tensor | None = None,
 
 
 def merged_row_norms(weight: torch.Tensor | PackedWeight4bit, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                     *, out: torch.Tensor | None = None, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """``||W[i] + s * B[i] @ A||_2`` in float32, a block of rows at a time."""
-    m = weight.shape[0]
+                     *, seed: int | None = None, row_std: torch.Tensor | None = None,
+                     noise_offset: tuple[int, int] = (0, 0), noise: NoiseFn = reference_noise,
+                     out: torch.Tensor | None = None, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """``||W[i] + c_i Z[i] + s * B[i] @ A||_2`` in float32, a block of rows at a time (``c Z`` only with
+    ``row_std``: Z's block at ``noise_offset``, made by ``noise``)."""
+    m, n = weight.shape
     norms = torch.empty(m, dtype=torch.float32, device=weight.device) if out is None else out
     a = lora_A.float()
+    row_offset, col_offset = noise_offset
     for start in range(0, m, rows_per_chunk):
         stop = min(m, start + rows_per_chunk)
         merged = _weight_rows(weight, start, stop).float() + scaling * (lora_B[start:stop].float() @ a)
+        if row_std is not None:
+            z = noise(seed, stop - start, n, weight.device, offset=(row_offset + start, col_offset))
+            merged += row_std[start:stop, None].float() * z
         norms[start:stop] = torch.linalg.vector_norm(merged, dim=1)
     return norms
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
 from flatlora_kernels import apply_flat_lora
@@ -102,6 +103,66 @@ def quantized(m, n, *, quant_type, blocksize, double, dtype=torch.float32, seed=
     weight = torch.randn(m, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, blocksize=blocksize,
                              compress_statistics=double, quant_storage=torch.uint8).to("cpu")
+
+
+def packed_weight(m, n, *, quant_type="nf4", blocksize=64, double=True, dtype=torch.float32):
+    """A fresh random (m, n) weight quantized by bitsandbytes, as the kernels read it."""
+    from flatlora_kernels.quant4bit import PackedWeight4bit
+
+    return PackedWeight4bit.from_bnb(quantized(m, n, quant_type=quant_type, blocksize=blocksize, double=double,
+                                               dtype=dtype, seed=m * n + blocksize))
+
+
+# ---- flat_lora_linear against the float64 oracle -----------------------------------------------
+
+# (leading shape of x, in_features n, out_features m, rank r): none a multiple of any tile.
+SHAPES = [((19,), 53, 37, 3), ((2, 5), 33, 70, 8), ((1,), 1, 1, 1), ((3, 1, 4), 130, 17, 16)]
+# (activation and base-weight dtype, LoRA dtype)
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+          (torch.bfloat16, torch.bfloat16)]
+
+
+def make_inputs(device, lead, n, m, r, dtype, lora_dtype, bias=True, noise=True, noise_scale=0.3):
+    x = torch.randn(*lead, n, device=device).to(dtype).requires_grad_()
+    weight = torch.randn(m, n, device=device).to(dtype)
+    lora_A = (torch.randn(r, n, device=device) / n**0.5).to(lora_dtype).requires_grad_()
+    lora_B = torch.randn(m, r, device=device).to(lora_dtype).requires_grad_()
+    b = torch.randn(m, device=device).to(dtype).requires_grad_() if bias else None
+    # Noise as large as the weights themselves, so a wrong noise element cannot hide in tolerance.
+    row_std = (noise_scale * (0.5 + torch.rand(m, device=device))) if noise else None
+    return x, weight, b, lora_A, lora_B, row_std
+
+
+def run_both(x, weight, bias, lora_A, lora_B, row_std, *, seed=1234, scaling=0.75, dropout_p=0.0, rng_seed=7):
+    """Our op and the float64 oracle on the same inputs and dropout mask; returns outputs and grads."""
+    torch.manual_seed(rng_seed)
+    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, scaling, seed=seed, row_std=row_std,
+                            dropout_p=dropout_p)
+    keep = None
+    if dropout_p > 0:
+        torch.manual_seed(rng_seed)  # the op draws its mask first, from torch's generator
+        keep = (torch.rand(x.reshape(-1, x.shape[-1]).shape, device=x.device) >= dropout_p).reshape(x.shape)
+    y64, leaves = float64_flat_lora(x, weight, bias, lora_A, lora_B, scaling, seed, row_std, keep, dropout_p)
+    dy = torch.randn(y.shape, device=y.device)
+    grads = torch.autograd.grad(y, [t for t in (x, lora_A, lora_B, bias) if t is not None], dy.to(y.dtype))
+    grads64 = torch.autograd.grad(y64, [t for t in leaves if t is not None], dy.double())
+    return y, y64, grads, grads64
+
+
+def peft_lora_layer(weight, bias, lora_A, lora_B, alpha):
+    """PEFT's LoRA ``Linear`` over an ``nn.Linear`` holding ``weight`` and ``bias``, adapters set to the factors."""
+    m, n = weight.shape
+    base = torch.nn.Linear(n, m, bias=bias is not None)
+    with torch.no_grad():
+        base.weight.copy_(weight)
+        if bias is not None:
+            base.bias.copy_(bias)
+    r = lora_A.shape[0]
+    layer = LoraLinear(base, "default", config=LoraConfig(r=r, lora_alpha=alpha), r=r, lora_alpha=alpha)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+    return layer
 
 
 # ---- models ------------------------------------------------------------------------------------

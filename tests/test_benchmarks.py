@@ -71,10 +71,14 @@ def test_gpu_suite_dry_run_steps(dry_run):
         files = sorted(p.name for p in out.iterdir())
         assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files), files
         steps = {s["step"]: s for s in read_record(out / f"suite-{part}.json", "gpu_suite")["results"]}
-        assert steps["install"]["status"] == "skipped" and steps["build-cuda-extension"]["status"] == "skipped"
-        expected = {"quick": {"tests-cuda", "bench-layer", "kernel-budget"}, "full": {"table7", "pytest-benchmark", "qlora-layer"}}
-        assert set(steps) == {"install", "build-cuda-extension"} | expected[part]
-        for name in expected[part] - {"kernel-budget"}:
+        assert steps["install"]["status"] == "skipped"
+        expected = {"quick": {"tests-cuda", "bench-paths", "table7-short", "kernel-budget"},
+                    "full": {"build-cuda-extension", "bench-layer", "table7", "pytest-benchmark", "qlora-layer"}}
+        assert set(steps) == {"install"} | expected[part]
+        assert list(steps)[:2] == (["install", "tests-cuda"] if part == "quick" else ["install", "build-cuda-extension"])
+        if part == "full":
+            assert steps["build-cuda-extension"]["status"] == "skipped"
+        for name in expected[part] - {"kernel-budget", "build-cuda-extension"}:
             assert steps[name]["status"] == "passed" and steps[name]["exit_code"] == 0, steps[name]
         summary = (out / "summary.md").read_text()
         assert "CPU dry run" in summary and "## Goals" in summary
@@ -85,7 +89,7 @@ def test_gpu_suite_dry_run_steps(dry_run):
 
 
 def test_layer_record_from_dry_run(dry_run):
-    (path,) = dry_run["quick"].glob("layer-*.json")
+    (path,) = dry_run["full"].glob("layer-*.json")
     rows = read_record(path, "layer")["results"]
     assert len(rows) == 2 * 2 * 3  # tiny preset: 2 shapes x 2 token counts x 3 methods
     assert {r["method"] for r in rows} == {"lora", "materialized", "flat_lora"}
@@ -110,7 +114,56 @@ def test_table7_record_from_dry_run(dry_run):
         assert methods["flat_lora"]["changed_fraction"] == 0 and methods["flat_lora"]["relative_drift"] == 0
         assert methods["lora"]["changed_fraction"] == 0
         assert methods["public_flat_lora"]["changed_fraction"] > 0
-    assert path.with_suffix(".md").exists() and path.with_suffix(".png").exists()
+    # the chart and Markdown stay in the suite's scratch folder: the device tool brings back 8 files at most
+    assert not path.with_suffix(".md").exists() and not path.with_suffix(".png").exists()
+    (short,) = dry_run["quick"].glob("table7-tiny-*.json")
+    assert read_record(short, "table7")["config"]["grad_accum"] == [16]
+
+
+def test_paths_record_and_measured_auto_table_from_dry_run(dry_run, monkeypatch):
+    """bench_paths.py: every method on every shape and token count, LoRA the baseline; the summary's
+    crossover table, and path_table.json in the dispatcher's schema with the run's device class."""
+    (path,) = dry_run["quick"].glob("paths-*.json")
+    record = read_record(path, "paths")
+    rows = record["results"]
+    assert len(rows) == 2 * 2 * 4 and {r["method"] for r in rows} == {"lora", "public", "fused", "slab"}
+    for r in rows:
+        assert r["fwdbwd_ms"] > 0 and r["peak_extra_mib"] is None  # no GPU memory on the CPU
+        if r["method"] == "lora":
+            assert r["fwdbwd_ratio"] == 1.0
+    assert "## GPU paths" in (dry_run["quick"] / "summary.md").read_text()
+    table = json.loads((dry_run["quick"] / "path_table.json").read_text())
+    from flatlora_kernels import paths
+
+    assert table["schema"] == paths.TABLE_SCHEMA and "bench_paths.py" in table["source"]
+    measured = table["classes"][record["config"]["device_class"]]
+    assert [row["max_weight_elements"] for row in measured[:2]] == [40 * 24, None]  # by weight size
+    assert table["classes"]["default"] == paths.load_path_table()["classes"]["default"]
+
+
+def test_crossover_is_where_the_slab_path_wins_from_then_on(monkeypatch):
+    """Hand-made timings: the slab path wins at 1024 and above (a win at 64 alone is no crossover), the
+    fused kernels win at the largest count on the other shape."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_summary
+
+    times = {(4096, 4096): {64: (1.0, 0.9), 256: (2.0, 2.5), 1024: (4.0, 3.9), 4096: (9.0, 8.0)},
+             (4096, 11008): {64: (1.0, 1.5), 256: (2.0, 2.5), 1024: (4.0, 3.0), 4096: (9.0, 9.5)}}
+    rows = [{"in": n, "out": m, "tokens": t, "method": method, "fwdbwd_ms": ms}
+            for (n, m), by_tokens in times.items() for t, pair in by_tokens.items()
+            for method, ms in zip(("fused", "slab"), pair)]
+    assert gpu_summary.crossovers(rows) == {(4096, 4096): 1024, (4096, 11008): None}
+    record = {"results": rows, "config": {"device_class": "sm90"},
+              "environment": {"device": "H200", "git_commit": "abc", "utc": "now"}}
+    committed = {"schema": "flatlora-path-table/1", "source": "x", "classes": {
+        "default": [{"dtype": "any", "max_weight_elements": None, "slab_from_tokens": 1024}]}}
+    table = gpu_summary.measured_path_table(record, committed)
+    assert table["classes"]["sm90"] == [
+        {"dtype": "16bit", "max_weight_elements": 4096 * 4096, "slab_from_tokens": 1024},
+        {"dtype": "16bit", "max_weight_elements": None, "slab_from_tokens": None},
+        {"dtype": "any", "max_weight_elements": None, "slab_from_tokens": 1024}]
+    best = {(r["in"], r["tokens"], r["out"]): r["method"] for r in gpu_summary.best_paths(rows)}
+    assert best[(4096, 64, 4096)] == "slab" and best[(4096, 256, 11008)] == "fused"
 
 
 def test_pytest_benchmark_json_from_dry_run(dry_run):
@@ -143,7 +196,7 @@ def test_summary_combines_both_parts_and_judges_goals(dry_run, tmp_path, monkeyp
     import gpu_summary
 
     summary = gpu_summary.summary(tmp_path, dry_run=True)
-    for step in ("tests-cuda", "bench-layer", "table7", "pytest-benchmark"):
+    for step in ("tests-cuda", "bench-paths", "table7-short", "bench-layer", "table7", "pytest-benchmark"):
         assert f"| {step} | passed |" in summary
     records, pytest_json = gpu_summary.load(tmp_path)
     goals = {goal.name: goal for goal in gpu_summary.goals(records, pytest_json)}
@@ -158,6 +211,17 @@ def test_summary_combines_both_parts_and_judges_goals(dry_run, tmp_path, monkeyp
     assert goals["layer fwd+bwd, 4096–16384 tokens"].value == 1.2
     assert goals["layer fwd+bwd, 4096–16384 tokens"].verdict() == "not met"
     assert goals["merged row norms"].verdict() == "not measured"
+
+
+def test_dora_benchmark_runs(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}  # this checkout's package
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dora.py"), "--quick", "--reps", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("dora-*-quick.json")
+    *methods, ratios = read_record(path, "dora")["results"]
+    assert [row["method"] for row in methods] == ["lora", "flat_lora", "dora", "flat_dora"]
+    assert all(row["fwdbwd_ms"] > 0 for row in methods) and ratios["ratios"]["flat_dora/dora"] > 0
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-from peft import LoraConfig
-from peft.tuners.lora import Linear as LoraLinear
 
 import flatlora_kernels as fk
 from flatlora_kernels.backends import BACKEND_ENV
@@ -13,41 +11,8 @@ from flatlora_kernels.matmul_call import PerturbedMatmul
 from flatlora_kernels.testing import forced_matmul_config
 from flatlora_kernels.triton_ops.launch_settings import MATMUL_CONFIGS
 
-from .helpers import REL_TOL, assert_close_rel, float64_flat_lora, rel_err
-
-# (leading shape of x, in_features n, out_features m, rank r): none a multiple of any tile.
-SHAPES = [((19,), 53, 37, 3), ((2, 5), 33, 70, 8), ((1,), 1, 1, 1), ((3, 1, 4), 130, 17, 16)]
-# (activation and base-weight dtype, LoRA dtype)
-DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
-          (torch.bfloat16, torch.bfloat16)]
-
-
-def make_inputs(device, lead, n, m, r, dtype, lora_dtype, bias=True, noise=True, noise_scale=0.3):
-    x = torch.randn(*lead, n, device=device).to(dtype).requires_grad_()
-    weight = torch.randn(m, n, device=device).to(dtype)
-    lora_A = (torch.randn(r, n, device=device) / n**0.5).to(lora_dtype).requires_grad_()
-    lora_B = torch.randn(m, r, device=device).to(lora_dtype).requires_grad_()
-    b = torch.randn(m, device=device).to(dtype).requires_grad_() if bias else None
-    # Noise as large as the weights themselves, so a wrong noise element cannot hide in tolerance.
-    row_std = (noise_scale * (0.5 + torch.rand(m, device=device))) if noise else None
-    return x, weight, b, lora_A, lora_B, row_std
-
-
-def run_both(x, weight, bias, lora_A, lora_B, row_std, *, seed=1234, scaling=0.75, dropout_p=0.0, rng_seed=7):
-    """Our op and the float64 oracle on the same inputs and dropout mask; returns outputs and grads."""
-    torch.manual_seed(rng_seed)
-    y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, scaling, seed=seed, row_std=row_std,
-                            dropout_p=dropout_p)
-    keep = None
-    if dropout_p > 0:
-        torch.manual_seed(rng_seed)  # the op draws its mask first, from torch's generator
-        keep = (torch.rand(x.reshape(-1, x.shape[-1]).shape, device=x.device) >= dropout_p).reshape(x.shape)
-    y64, leaves = float64_flat_lora(x, weight, bias, lora_A, lora_B, scaling, seed, row_std, keep, dropout_p)
-    dy = torch.randn(y.shape, device=y.device)
-    grads = torch.autograd.grad(y, [t for t in (x, lora_A, lora_B, bias) if t is not None], dy.to(y.dtype))
-    grads64 = torch.autograd.grad(y64, [t for t in leaves if t is not None], dy.double())
-    return y, y64, grads, grads64
-
+from .helpers import (DTYPES, REL_TOL, SHAPES, assert_close_rel, float64_flat_lora, make_inputs, peft_lora_layer,
+                      rel_err, run_both)
 
 @pytest.mark.parametrize("lead,n,m,r", SHAPES)
 @pytest.mark.parametrize("dtype,lora_dtype", DTYPES)
@@ -207,26 +172,11 @@ def test_configuration_table_covers_every_class_and_routes_tokens():
             pass
 
 
-def _peft_layer(weight, bias, lora_A, lora_B, alpha):
-    m, n = weight.shape
-    base = torch.nn.Linear(n, m, bias=bias is not None)
-    with torch.no_grad():
-        base.weight.copy_(weight)
-        if bias is not None:
-            base.bias.copy_(bias)
-    r = lora_A.shape[0]
-    layer = LoraLinear(base, "default", config=LoraConfig(r=r, lora_alpha=alpha), r=r, lora_alpha=alpha)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(lora_A)
-        layer.lora_B["default"].weight.copy_(lora_B)
-    return layer
-
-
 @pytest.mark.parametrize("row_std_kind", ["none", "zeros"])
 def test_without_noise_it_is_plain_peft_lora(device_backend, row_std_kind):
     device, _ = device_backend
     x, weight, bias, lora_A, lora_B, _ = make_inputs("cpu", (4, 6), 31, 22, 4, torch.float32, torch.float32)
-    layer = _peft_layer(weight, bias, lora_A.detach(), lora_B.detach(), alpha=8).to(device)
+    layer = peft_lora_layer(weight, bias, lora_A.detach(), lora_B.detach(), alpha=8).to(device)
     x = x.detach().to(device).requires_grad_()
     expected = layer(x)
     expected_grads = torch.autograd.grad(expected.sum(), [x, layer.lora_A["default"].weight])
@@ -289,7 +239,7 @@ def test_autocast(device_backend, autocast_dtype):
     x, weight, bias, lora_A, lora_B, row_std = make_inputs(device, (2, 9), 47, 31, 4, torch.float32, torch.float32)
     with torch.autocast(device.type, dtype=autocast_dtype):
         y = fk.flat_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, seed=11, row_std=row_std)
-        peft_y = _peft_layer(weight, bias, lora_A.detach(), lora_B.detach(), 2).to(device)(x)
+        peft_y = peft_lora_layer(weight, bias, lora_A.detach(), lora_B.detach(), 2).to(device)(x)
     assert y.dtype == peft_y.dtype == autocast_dtype
     grads = torch.autograd.grad(y.float().sum(), [x, lora_A, lora_B, bias])
     assert [g.dtype for g in grads] == [torch.float32] * 4

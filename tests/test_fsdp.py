@@ -17,15 +17,20 @@ fsdp = pytest.importorskip("torch.distributed.fsdp")
 DEADLINE_S = 240
 
 
-def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
+def _worker(rank, init_file, per_rank_noise, reshard, apply_first, granularity, out_dir):
     join_process_group(rank, DP_WORLD, init_file)
+    from peft.tuners.lora import LoraLayer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     model, _ = peft_family("llama")  # identical initial weights on every rank
     config = dict(sigma=DP_SIGMA, schedule="constant", seed=DP_SEED, per_rank_noise=per_rank_noise)
     ctl = apply_flat_lora(model, **config) if apply_first else None
-    for layer in model.base_model.model.model.layers:
-        fsdp.fully_shard(layer, reshard_after_forward=reshard)
+    if granularity == "block":
+        units = list(model.base_model.model.model.layers)
+    else:  # each LoRA layer itself: its class becomes FSDP2's FSDP<Cls> subclass
+        units = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for unit in units:
+        fsdp.fully_shard(unit, reshard_after_forward=reshard)
     fsdp.fully_shard(model, reshard_after_forward=reshard)
     # applied to the sharded model, the first sample's filter norms come from DTensor shards (and
     # applied first, every later sample's do)
@@ -46,16 +51,25 @@ def _worker(rank, init_file, per_rank_noise, reshard, apply_first, out_dir):
     if rank == 0:
         model.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=full)
     torch.save({"losses": losses, "grads": grads, "row_std": [c.clone() for c in
-                (layer.noise_row_std for layer in ctl.layers.values())]}, os.path.join(out_dir, f"rank{rank}.pt"))
+                (layer.noise_row_std for layer in ctl.layers.values())],
+                "classes": {type(layer).__name__ for layer in ctl.layers.values()}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("per_rank_noise,reshard,apply_first", [(True, True, False), (False, False, True)])
-def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_noise, reshard, apply_first):
-    run_processes(_worker, (str(tmp_path / "init"), per_rank_noise, reshard, apply_first, str(tmp_path)), DP_WORLD,
-                  DEADLINE_S)
+@pytest.mark.parametrize("per_rank_noise,reshard,apply_first,granularity", [
+    (True, True, False, "block"), (False, False, True, "block"),
+    (True, True, False, "lora_layer"), (False, True, True, "lora_layer"),
+])
+def test_fsdp2_two_processes_equal_one_process_without_fsdp(tmp_path, per_rank_noise, reshard, apply_first,
+                                                            granularity):
+    run_processes(_worker, (str(tmp_path / "init"), per_rank_noise, reshard, apply_first, granularity,
+                            str(tmp_path)), DP_WORLD, DEADLINE_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(DP_WORLD)]
+    # sharded per LoRA layer, the adopted layers are FSDP2's subclasses of FlatLoraLinear
+    expected_class = "FlatLoraLinear" if granularity == "block" else "FSDPFlatLoraLinear"
+    assert all(result["classes"] == {expected_class} for result in results)
     losses, grads, row_std, adapters = one_process_reference(per_rank_noise)
     for rank, result in enumerate(results):
         assert result["losses"] == pytest.approx(losses[rank], rel=1e-5), f"rank {rank} losses"

@@ -116,7 +116,7 @@ def test_apply_twice_or_without_lora_is_an_error():
     apply_flat_lora(model, sigma=0.1, schedule="constant")
     with pytest.raises(ValueError, match="already called"):
         apply_flat_lora(model, sigma=0.1, schedule="constant")
-    with pytest.raises(ValueError, match="no PEFT LoRA Linear layers"):
+    with pytest.raises(ValueError, match="no PEFT LoRA layers: wrap it with peft.get_peft_model"):
         apply_flat_lora(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
 
@@ -286,8 +286,8 @@ def _mixed_lora_model(kind):
     model.dense = wrap(lora.Linear, torch.nn.Linear(16, 12))
     if kind == "embedding":
         model.other = wrap(lora.Embedding, torch.nn.Embedding(10, 16))
-    elif kind == "dora":
-        model.other = wrap(lora.Linear, torch.nn.Linear(16, 12), use_dora=True)
+    elif kind == "alora":  # a LoRA variant Flat-LoRA does not drive
+        model.other = wrap(lora.Linear, torch.nn.Linear(16, 12), alora_invocation_tokens=[1, 2])
     elif kind == "subclass":
         class MyLoraLinear(lora.Linear):
             pass
@@ -306,7 +306,7 @@ def _mixed_lora_model(kind):
 
 @pytest.mark.parametrize("kind,reason", [
     ("embedding", "not a LoRA Linear"), ("8bit", "not a LoRA Linear"), ("4bit-as-linear", "torch.uint8"),
-    ("dora", "vanilla LoRA only"), ("subclass", "subclass"),
+    ("alora", "ALoraLinearVariant variant"), ("subclass", "subclass"),
 ])
 def test_lora_layers_that_would_train_without_noise_are_reported(kind, reason, caplog):
     model = _mixed_lora_model(kind)
@@ -329,5 +329,6 @@ def test_lora_layers_that_would_train_without_noise_are_reported(kind, reason, c
 def test_a_model_with_only_unsupported_lora_layers_names_them():
     model = _mixed_lora_model("embedding")
     del model.dense
-    with pytest.raises(ValueError, match=r"no PEFT LoRA Linear layers \(it has 1 LoRA layers .*\['other'\]"):
+    with pytest.raises(ValueError, match=r"none of the model's 1 LoRA layers can be trained with Flat-LoRA noise:\n"
+                                         r"  skipped other: .*Embedding: not a LoRA Linear layer"):
         apply_flat_lora(model, sigma=0.1, schedule="constant")

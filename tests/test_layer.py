@@ -99,7 +99,7 @@ def test_merge_and_unload_has_no_trace_of_noise():
         assert torch.equal(p, q), name
 
 
-def test_merged_and_disabled_adapters_behave_as_peft():
+def test_disabled_adapters_behave_as_peft_and_merged_ones_are_refused_in_training():
     model = to_flat(peft_model())
     layer = model.base_model.model.fc1
     layer.sample_noise(seed=1, sigma=0.3)
@@ -107,7 +107,13 @@ def test_merged_and_disabled_adapters_behave_as_peft():
     with model.disable_adapter():
         torch.testing.assert_close(layer(x), layer.base_layer(x))
     layer.merge()
-    torch.testing.assert_close(layer(x), layer.base_layer(x))  # merged: the base layer holds W + sBA
+    # merged: a noisy training forward would add no noise (the LoRA path is skipped), so it is refused
+    with pytest.raises(RuntimeError, match="merged adapters.*unmerge_adapter"):
+        layer(x)
+    with pytest.raises(RuntimeError, match="merged adapters"):
+        layer.sample_noise(seed=2, sigma=0.3)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x))  # in eval it is PEFT's: the base holds W + sBA
     layer.unmerge()
 
 
@@ -137,10 +143,10 @@ def test_gpt2_conv1d_indexes_the_logical_matrix():
 
 
 def test_unsupported_configurations_raise():
-    model = peft_model(use_dora=True)
+    model = peft_model(alora_invocation_tokens=[1, 2])  # a LoRA variant Flat-LoRA does not drive
     layer = lora_layers(model)[0]
     FlatLoraLinear.from_lora_linear(layer)
-    with pytest.raises(NotImplementedError, match="vanilla LoRA"):
+    with pytest.raises(NotImplementedError, match="ALoraLinearVariant variant; Flat-LoRA noise supports vanilla"):
         layer.sample_noise(seed=0, sigma=0.1)
 
     model = to_flat(peft_model())

@@ -17,7 +17,7 @@ from flatlora_kernels.triton_ops.launch_settings import MATMUL_CONFIGS, MatmulCo
 from flatlora_kernels.triton_ops.perturbed_matmul import perturbed_matmul_triton
 from flatlora_kernels.triton_ops.row_norms import merged_row_norms_triton
 
-from .helpers import quantized, rel_err
+from .helpers import packed_weight, rel_err
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.skipif(_unavailable_reason("triton", torch.device("cpu")) is not None,
@@ -28,11 +28,6 @@ pytestmark = pytest.mark.skipif(_unavailable_reason("triton", torch.device("cpu"
 # products differs: a few ulp of the output in 16-bit, more in float32. Relative to each output's max.
 ULPS = {torch.float32: 2.0**-19, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 SEED = 2**63 + 12345
-
-
-def packed_weight(m, n, *, quant_type="nf4", blocksize=64, double=True, dtype=torch.float32):
-    return PackedWeight4bit.from_bnb(quantized(m, n, quant_type=quant_type, blocksize=blocksize, double=double,
-                                               dtype=dtype, seed=m * n + blocksize))
 
 
 def operands(m, n, tokens, dtype, forward, r=3):

@@ -16,10 +16,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .noise import _write_noise_kernel
-from .launch_settings import MATMUL_CONFIGS, launch_options, row_norms_blocks
-from .perturbed_matmul import _perturbed_matmul_kernel, matmul_constexprs
+from .launch_settings import MATMUL_CONFIGS, SLAB_BLOCK, launch_options, row_norms_blocks
+from .perturbed_matmul import _perturbed_matmul_kernel, fast_noise, matmul_constexprs
 from .quant4bit import tile_constexprs
 from .row_norms import _merged_row_norms_kernel
+from .slab import _perturbed_slab_kernel
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 NOISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 128}
@@ -36,7 +37,7 @@ def weight_4bit_constexprs(dtype: torch.dtype | None, whole_block_rows: bool = T
 class Variant:
     """One compiled form of a kernel: argument types, constexprs and launch options.
 
-    ``role`` is "noise", "row_norms", "forward" or "dX". For the kernels that regenerate noise,
+    ``role`` is "noise", "row_norms", "forward", "dX" or "slab". For the kernels that regenerate noise,
     ``noise_tile`` is the ``(rows, columns)`` of Z made per program and loop iteration and
     ``token_tile`` how many tokens that one noise tile serves. ``weight_4bit`` marks a variant that
     reads a packed NF4/FP4 W (dequantized in registers).
@@ -103,29 +104,51 @@ def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: 
                    config=config_name, divisible_by_16=DIVISIBLE_BY_16, weight_4bit=weight_4bit)
 
 
-def row_norms_variant(dtype: torch.dtype, weight_4bit: bool = False) -> Variant:
-    """The merged-norms kernel over a dense ``dtype`` W or a packed 4-bit W dequantized to ``dtype``."""
+def row_norms_variant(dtype: torch.dtype, weight_4bit: bool = False, noise: bool = False) -> Variant:
+    """The merged-norms kernel over a dense ``dtype`` W or a packed 4-bit W dequantized to ``dtype``;
+    with ``noise``, of the perturbed merged weight (DoRA's norms, dense W)."""
     name = str(dtype).replace('torch.', '')
     block_m, block_n = row_norms_blocks(weight_4bit)
     return Variant(
-        f"row_norms w={name}" + (f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else ""), _merged_row_norms_kernel,
+        f"row_norms w={name}" + (f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else "") + (" noisy" if noise else ""),
+        _merged_row_norms_kernel,
         {"w_ptr": "*u8" if weight_4bit else POINTER_TYPES[dtype], "a_ptr": "*fp32", "b_ptr": "*fp32",
-         "out_ptr": "*fp32", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32",
-         "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32",
+         "row_std_ptr": "*fp32", "out_ptr": "*fp32", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32",
+         "M": "i32", "N": "i32", "R": "i32", "scaling": "fp32", "seed_lo": "i64", "seed_hi": "i64",
+         "noise_row_offset": "i64", "noise_col_offset": "i64",
          **{s: "i64" for s in ("stride_wm", "stride_wn", "stride_ar", "stride_an", "stride_bm", "stride_br")}},
         dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, stride_wn=1, stride_an=1, stride_br=1,
-             **weight_4bit_constexprs(dtype if weight_4bit else None)),
+             HAS_NOISE=noise, NOISE_COLS_ALIGNED=True, **weight_4bit_constexprs(dtype if weight_4bit else None)),
         role="row_norms", dtype=dtype, weight_4bit=weight_4bit,
-        divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N", "stride_wm",
-                         "stride_ar"))
+        divisible_by_16=("w_ptr", "a_ptr", "b_ptr", "row_std_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N",
+                         "stride_wm", "stride_ar"))
+
+
+def slab_variant(dtype: torch.dtype, weight_4bit: bool = False) -> Variant:
+    """The slab writer (:mod:`~flatlora_kernels.triton_ops.slab`) into a ``dtype`` slab, over a dense
+    ``dtype`` W or a packed 4-bit W dequantized to ``dtype`` (rows of whole blocks)."""
+    blocks, options = launch_options(SLAB_BLOCK)
+    name = str(dtype).replace("torch.", "")
+    return Variant(
+        f"slab {name}" + (f" 4-bit/{QUANT_BLOCKSIZE}" if weight_4bit else ""), _perturbed_slab_kernel,
+        {"w_ptr": "*u8" if weight_4bit else POINTER_TYPES[dtype], "row_std_ptr": "*fp32", "out_ptr": POINTER_TYPES[dtype],
+         "absmax_ptr": "*fp32", "codebook_ptr": "*fp32", "M": "i32", "N": "i32", "row_start": "i64",
+         "col_start": "i64", "slab_rows": "i32", "slab_cols": "i32", "stride_wi": "i64", "stride_wj": "i64",
+         "stride_om": "i64", "seed_lo": "i64", "seed_hi": "i64", "noise_row_offset": "i64",
+         "noise_col_offset": "i64"},
+        dict(stride_wj=1, HAS_NOISE=True, MANUAL_BF16_ROUNDING=False, FAST_NOISE=fast_noise(dtype),
+             NOISE_COLS_ALIGNED=True, **blocks, **weight_4bit_constexprs(dtype if weight_4bit else None)),
+        options, role="slab", dtype=dtype, noise_tile=(blocks["BLOCK_ROWS"], blocks["BLOCK_COLS"]), config="slab",
+        divisible_by_16=("w_ptr", "row_std_ptr", "out_ptr", "absmax_ptr", "codebook_ptr", "N", "stride_wi",
+                         "stride_om"), weight_4bit=weight_4bit)
 
 
 def variants() -> list[Variant]:
-    """Every kernel variant a GPU can launch: the noise writer, the norms, and the perturbed matmul
-    in both directions for every dtype and every distinct entry of its configuration table; and
-    over a 4-bit W (QLoRA, bf16) the norms and both directions of the matmul for every 16-bit entry
-    (as the table replaces it for 4-bit weights), for rows of whole quantization blocks (every real
-    model) and for blocks that straddle rows."""
+    """Every kernel variant a GPU can launch: the noise writer, the norms, the slab writer, and the
+    perturbed matmul in both directions for every dtype and every distinct entry of its configuration
+    table; and over a 4-bit W (QLoRA, bf16) the norms, the slab writer and both directions of the
+    matmul for every 16-bit entry (as the table replaces it for 4-bit weights), for rows of whole
+    quantization blocks (every real model) and for blocks that straddle rows."""
     out = [Variant("noise" + (" fast-math" if fast else ""), _write_noise_kernel,
                    {"out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_om": "i32", "stride_on": "i32",
                     "seed_lo": "i64", "seed_hi": "i64", "row_offset": "i64", "col_offset": "i64"},
@@ -134,10 +157,13 @@ def variants() -> list[Variant]:
                    config="materialise") for fast in (False, True)]
     for dtype in POINTER_TYPES:
         out.append(row_norms_variant(dtype))
+        out.append(row_norms_variant(dtype, noise=True))
+        out.append(slab_variant(dtype))
         for forward in (True, False):
             for config_name, config in MATMUL_CONFIGS.distinct(dtype):
                 out.append(matmul_variant(dtype, forward, config_name, config))
     out.append(row_norms_variant(torch.bfloat16, weight_4bit=True))
+    out.append(slab_variant(torch.bfloat16, weight_4bit=True))
     for forward in (True, False):
         for config_name, config in MATMUL_CONFIGS.distinct(torch.bfloat16, weight_4bit=True):
             for whole_block_rows in (True, False):

@@ -101,6 +101,13 @@ MATMUL_CONFIGS = MatmulConfigTable(
 ROW_NORMS_BLOCKS = {"dense": (64, 128), "4-bit": (64, 32), "interpreter": (16, 32)}
 
 
+# The slab writer (slab.py): one program writes a BLOCK_ROWS x BLOCK_COLS tile of the slab, GPU and
+# interpreter alike. Column slabs start at multiples of BLOCK_COLS: a 4-bit tile must (load_weight_tile),
+# and 32 divides every 4-bit block size in use. 128-row tiles gained 1 ALU instruction per element of
+# ~36 for 31 more registers (benchmarks/NOTES.md section 2): not kept.
+SLAB_BLOCK = dict(BLOCK_ROWS=64, BLOCK_COLS=32, num_warps=4)
+
+
 def row_norms_blocks(weight_4bit: bool) -> tuple[int, int]:
     """``(BLOCK_M, BLOCK_N)`` of a merged-norms launch here (the interpreter's under it)."""
     if INTERPRETER:

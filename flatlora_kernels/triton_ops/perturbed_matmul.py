@@ -240,8 +240,28 @@ def matmul_constexprs(dtype: torch.dtype, *, forward: bool, blocks: dict, weight
 
 
 def perturbed_matmul_triton(call: PerturbedMatmul, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the kernel for ``call`` (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`;
-    a dense or 4-bit weight, read in place either way), into ``out`` when given."""
+    """``call`` on the Triton backend (semantics: :func:`flatlora_kernels.reference.perturbed_matmul`; a dense
+    or 4-bit weight, read in place either way), into ``out`` when given: the fused kernel or the slab path
+    (:mod:`flatlora_kernels.paths`; "auto" resolved by the table). The first CUDA launch of each fused
+    variant in a process is checked against the slab path first (:mod:`.fused_guard`)."""
+    from ..paths import triton_path
+    from . import fused_guard  # it launches both paths: imported here, once both modules exist
+    from .slab import slab_perturbed_matmul
+
+    M, N = call.out_shape
+    m, n = call.weight.shape
+    if triton_path(call.a.device, M, m, n, call.out_dtype, call.path) == "slab":
+        return slab_perturbed_matmul(call, out=out)
+    config_name, config = MATMUL_CONFIGS.select(call.out_dtype, M, N,
+                                                weight_4bit=isinstance(call.weight, PackedWeight4bit))
+    if not fused_guard.variant_passes(call, config_name, config):
+        return slab_perturbed_matmul(call, out=out)
+    return launch_fused(call, config, out=out)
+
+
+def launch_fused(call: PerturbedMatmul, config: dict, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused kernel for ``call`` with launch configuration ``config`` (an entry of ``MATMUL_CONFIGS``),
+    unchecked."""
     M, N = call.out_shape
     if out is None:
         out = torch.empty(M, N, dtype=call.out_dtype, device=call.a.device)
@@ -259,7 +279,6 @@ def perturbed_matmul_triton(call: PerturbedMatmul, *, out: torch.Tensor | None =
     hidden = call.lora_hidden if call.lora_hidden is not None else unused
     factor = call.lora_out_factor if call.lora_out_factor is not None else unused
     keep = call.dropout_keep if call.dropout_keep is not None else unused
-    config = MATMUL_CONFIGS.select(call.out_dtype, M, N, weight_4bit=isinstance(call.weight, PackedWeight4bit))[1]
     blocks, options = launch_options(config)
     grid = (cdiv(M, blocks["BLOCK_M"]) * cdiv(N, blocks["BLOCK_N"]),)
     _perturbed_matmul_kernel[grid](
