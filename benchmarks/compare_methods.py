@@ -27,6 +27,7 @@ and a figure next to it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing as mp
 import statistics
@@ -88,6 +89,12 @@ PRESETS = {
 }
 
 
+def committed_choices() -> dict:
+    """Each method's sigma/rho as chosen on the validation split by the committed full run."""
+    record = json.loads((ROOT / "benchmarks" / "results" / "compare-methods" / "compare-methods.json").read_text())
+    return record["config"]["chosen"]
+
+
 def splits(small_fraction: float):
     """(fit, validation, small, test) lists of (text, target)."""
     train, test = job.load_lexicon()
@@ -136,6 +143,48 @@ def flatness(model, preset: Preset) -> dict:
             "noisy_loss": noisy.mean[0], "clean_loss": noisy.base_loss}
 
 
+def regression_loss(model, enc, target) -> torch.Tensor:
+    """The main job's objective: MSE of the regressor's prediction."""
+    return torch.nn.functional.mse_loss(model(enc["input_ids"], enc["attention_mask"]), target)
+
+
+def train_loop(model, tokenizer, method, controller, data, steps: int, batch_size: int, lr: float, seed: int,
+               loss_fn=regression_loss, on_step=None) -> float:
+    """``steps`` optimizer steps of AdamW (cosine learning rate, no weight decay) on (text, target) ``data`` in
+    a seeded order, through ``method.accumulate`` when there is a method, advancing ``method`` and the
+    Flat-LoRA ``controller`` after each step; ``on_step(step, loss)`` after each. Returns the wall seconds."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    order = torch.Generator().manual_seed(seed)
+    perm, cursor = torch.randperm(len(data), generator=order), 0
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        if cursor + batch_size > len(perm):
+            perm, cursor = torch.randperm(len(data), generator=order), 0
+        batch = [data[i] for i in perm[cursor:cursor + batch_size].tolist()]
+        cursor += batch_size
+        enc = tokenizer([t for t, _ in batch], padding=True, return_tensors="pt")
+        target = torch.tensor([y for _, y in batch])
+
+        def closure():
+            return loss_fn(model, enc, target)
+
+        if method is None:
+            loss = closure()
+            loss.backward()
+        else:
+            loss = method.accumulate(closure)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        for advancing in (method, controller):
+            if advancing is not None:
+                advancing.step()
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+    return time.perf_counter() - start
+
+
 def train_run(name: str, value, seed: int, data, evaluation, steps: int, args, preset: Preset,
               measure_flatness: bool = False, measure_memory: bool = False) -> dict:
     """Train one method from the same start and data order; evaluate on ``evaluation``. Peak memory is
@@ -145,34 +194,8 @@ def train_run(name: str, value, seed: int, data, evaluation, steps: int, args, p
     tokenizer, model = job.build(seed, args.rank)
     before = job.frozen_digest(model)
     method, controller = make_method(name, value, model, seed, steps)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    order = torch.Generator().manual_seed(seed)
-    perm, cursor = torch.randperm(len(data), generator=order), 0
     rss_start = reset_peak_rss()
-    start = time.perf_counter()
-    for _ in range(steps):
-        if cursor + args.batch > len(perm):
-            perm, cursor = torch.randperm(len(data), generator=order), 0
-        batch = [data[i] for i in perm[cursor:cursor + args.batch].tolist()]
-        cursor += args.batch
-        enc = tokenizer([t for t, _ in batch], padding=True, return_tensors="pt")
-        target = torch.tensor([y for _, y in batch])
-
-        def closure():
-            return torch.nn.functional.mse_loss(model(enc["input_ids"], enc["attention_mask"]), target)
-
-        if method is None:
-            closure().backward()
-        else:
-            method.accumulate(closure)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        for advancing in (method, controller):
-            if advancing is not None:
-                advancing.step()
-    wall = time.perf_counter() - start
+    wall = train_loop(model, tokenizer, method, controller, data, steps, args.batch, args.lr, seed)
     peak_extra_mib = (status_kib("VmHWM") - rss_start) / 1024
     if isinstance(method, fk.BiLoRA):
         method.remove()  # dropped at inference

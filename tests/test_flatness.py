@@ -245,3 +245,146 @@ def test_importing_the_toolkit_loads_no_plotting_or_command_line_code():
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
         assert "argparse" not in imported, path.name
+
+
+# ------------------------------------------------- block Lanczos, median dominant eigenvalue, outliers
+def quadratic_with_spectrum(eigenvalues, seed=2):
+    """A linear layer under MSE whose Hessian w.r.t. its weight has exactly ``eigenvalues``:
+    the loss is mean((x·w - y)^2), Hessian 2/N XᵀX, so X = sqrt(N/2) Q diag(sqrt(λ)) Rᵀ."""
+    generator = torch.Generator().manual_seed(seed)
+    n, count = len(eigenvalues), 4 * len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(count, n, generator=generator, dtype=torch.float64))
+    rotation, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    x = (count / 2) ** 0.5 * q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64).sqrt()) @ rotation.T
+    torch.manual_seed(seed)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(n, 1, bias=False)),
+                           LoraConfig(r=1, lora_alpha=1, target_modules=["0"]))
+    return model, [(x.float(), torch.randn(count, 1, generator=generator))]
+
+
+def twin_network(seed=0):
+    """Two identical tiny networks side by side, each with its own LoRA layers and the same data: the
+    Hessian is block diagonal with two equal blocks, so every eigenvalue appears exactly twice."""
+    torch.manual_seed(seed)
+    one = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    twin = torch.nn.ModuleDict({"a": one, "b": __import__("copy").deepcopy(one)})
+    model = get_peft_model(twin, LoraConfig(r=1, lora_alpha=2, target_modules=["a.0", "a.2", "b.0", "b.2"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".a." in name:
+                p.normal_(std=0.3)
+        for (name, p), (_, q) in zip(model.base_model.model["a"].named_parameters(),
+                                     model.base_model.model["b"].named_parameters()):
+            q.copy_(p)
+    x, y = torch.randn(12, 4), torch.randn(12, 2)
+    return model, [(x, y)]
+
+
+def twin_mse(model, batch):
+    x, y = batch
+    inner = model.base_model.model
+    return F.mse_loss(inner["a"](x), y) + F.mse_loss(inner["b"](x), y)
+
+
+def exact_eigenvalues_of(model, loss_fn, batches):
+    targets = flatness.merged_targets(model)
+    merged = [t.merged() for t in targets]
+    sizes = [m.numel() for m in merged]
+
+    def loss_of(flat):
+        weights = [p.view_as(m) for p, m in zip(torch.split(flat, sizes), merged)]
+        with patched_forwards(targets, lambda i, t: (lambda x, *a, **k: F.linear(x, weights[i], t.parts()[1]))):
+            return sum(loss_fn(model, b) for b in batches) / len(batches)
+
+    flat = torch.cat([m.flatten() for m in merged]).requires_grad_()
+    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flat).double()).flip(0)
+
+
+@pytest.mark.parametrize("make", [quadratic_model, tiny_mlp], ids=["quadratic", "tiny-network"])
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_block_lanczos_matches_eigvalsh(make, block_size):
+    model, batches = make()
+    exact = exact_hessian_eigenvalues(model, batches)
+    result = flatness.top_eigenvalues(model, mse, batches, k=3, method="block_lanczos", block_size=block_size,
+                                      max_iter=exact.numel() + block_size, tol=1e-3, progress=False)
+    assert result.method == "block_lanczos" and result.iterations[0] <= exact.numel()
+    torch.testing.assert_close(torch.tensor(result.eigenvalues, dtype=torch.float64), exact[:3], rtol=2e-3, atol=1e-5)
+    assert all(result.converged)
+
+
+def test_block_lanczos_finds_the_multiplicity_that_lanczos_misses_on_a_quadratic():
+    spectrum = [6.0, 6.0, 6.0] + torch.linspace(0.05, 1.0, 37).tolist()
+    model, batches = quadratic_with_spectrum(spectrum)
+    exact = exact_hessian_eigenvalues(model, batches)
+    torch.testing.assert_close(exact[:4], torch.tensor([6.0, 6.0, 6.0, 1.0], dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    block = flatness.top_eigenvalues(model, mse, batches, k=3, method="block_lanczos", block_size=3, max_iter=24,
+                                     tol=1e-3, progress=False)
+    torch.testing.assert_close(torch.tensor(block.eigenvalues, dtype=torch.float64), exact[:3], rtol=1e-3, atol=1e-4)
+    assert all(block.converged)
+    single = flatness.top_eigenvalues(model, mse, batches, k=3, method="lanczos", max_iter=4, progress=False)
+    assert single.eigenvalues[0] == pytest.approx(6.0, rel=1e-3)
+    # in exact arithmetic the other two copies are outside its Krylov space; within a few steps fp32
+    # rounding has not yet grown them back
+    assert max(single.eigenvalues[1:]) < 1.01
+
+
+def test_block_lanczos_finds_the_doubled_spectrum_of_a_twin_network():
+    model, batches = twin_network()
+    exact = exact_eigenvalues_of(model, twin_mse, batches)
+    torch.testing.assert_close(exact[0], exact[1], rtol=1e-4, atol=1e-6)  # the construction: pairs
+    assert exact[2] < 0.9 * exact[0]
+    block = flatness.top_eigenvalues(model, twin_mse, batches, k=4, method="block_lanczos", block_size=2,
+                                     max_iter=exact.numel(), tol=1e-3, progress=False)
+    torch.testing.assert_close(torch.tensor(block.eigenvalues, dtype=torch.float64), exact[:4], rtol=2e-3, atol=1e-5)
+    # 14 steps: fewer than the 18 distinct eigenvalues, so the Krylov space is not yet exhausted (after
+    # that, Lanczos goes on from rounding noise and may pick the copies up)
+    single = flatness.top_eigenvalues(model, twin_mse, batches, k=2, method="lanczos", max_iter=14, progress=False)
+    assert single.eigenvalues[0] == pytest.approx(float(exact[0]), rel=2e-3)
+    assert single.eigenvalues[1] == pytest.approx(float(exact[2]), rel=2e-3)  # the twin copy is missed
+
+
+def test_median_dominant_eigenvalue_is_the_median_of_per_batch_exact_values():
+    model, _ = tiny_mlp()
+    x, y = torch.randn(15, 6, generator=torch.Generator().manual_seed(5)), torch.randn(15, 3)
+    batches = [(x[i:i + 5], y[i:i + 5]) for i in range(0, 15, 5)]
+    exact = [float(exact_hessian_eigenvalues(model, [b])[0]) for b in batches]
+    for method in ("power", "lanczos"):
+        result = flatness.median_dominant_eigenvalue(model, mse, batches, method=method, max_iter=200, tol=1e-6,
+                                                     progress=False)
+        torch.testing.assert_close(torch.tensor(result.values), torch.tensor(exact), rtol=2e-3, atol=1e-5)
+        assert result.median == pytest.approx(sorted(exact)[1], rel=2e-3)
+        assert len(set(round(v, 4) for v in result.values)) == 3  # per-batch values, not the mean loss's
+        assert result.method == method and all(result.converged)
+
+
+def test_eigenvalue_outliers_count_the_isolated_eigenvalues():
+    bulk = torch.linspace(0.0, 1.0, 297).tolist()  # three outliers of 300 eigenvalues: 1% of the mass
+    model, batches = quadratic_with_spectrum([9.0, 7.0, 5.0] + bulk)
+    density = flatness.spectral_density(model, mse, batches, num_probes=8, lanczos_steps=30, seed=1, progress=False)
+    outliers = flatness.eigenvalue_outliers(density)
+    assert outliers.count == 3 and len(outliers.per_probe) == 8
+    assert 0.0 <= outliers.bulk_low < outliers.bulk_high <= 1.05
+    for probe in outliers.values:
+        if len(probe) == 3:
+            torch.testing.assert_close(torch.tensor(probe), torch.tensor([9.0, 7.0, 5.0]), rtol=1e-3, atol=1e-3)
+    model, batches = quadratic_with_spectrum(bulk)
+    none = flatness.eigenvalue_outliers(flatness.spectral_density(model, mse, batches, num_probes=4, lanczos_steps=30,
+                                                                  progress=False))
+    assert none.count == 0
+    with pytest.raises(ValueError, match="tail"):
+        flatness.eigenvalue_outliers(density, tail=0.5)
+    with pytest.raises(ValueError, match="gap"):
+        flatness.eigenvalue_outliers(density, gap=-1.0)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m, b: flatness.top_eigenvalues(m, mse, b, method="block_lanczos", block_size=0), "block_size"),
+    (lambda m, b: flatness.top_eigenvalues(m, mse, b, method="block_lanczos", block_size=4, max_iter=3),
+     "max_iter >= block_size"),
+    (lambda m, b: flatness.median_dominant_eigenvalue(m, mse, [], progress=False), "batches is empty"),
+    (lambda m, b: flatness.median_dominant_eigenvalue(m, mse, b, method="qr", progress=False), "method"),
+])
+def test_bad_arguments_of_the_new_measures(call, match):
+    model, batches = tiny_mlp()
+    with pytest.raises(ValueError, match=match):
+        call(model, batches)

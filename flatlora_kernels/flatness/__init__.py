@@ -5,8 +5,11 @@ user's ``loss_fn(model, batch)`` averaged over ``batches``, and returns plain da
 ``dataclasses.asdict`` turns into JSON-ready dicts. All of them are deterministic for a given seed.
 
 * :func:`top_eigenvalues`: the largest Hessian eigenvalues w.r.t. the merged weights (power
-  iteration with deflation, or Lanczos), from Hessian-vector products (double backward);
-* :func:`spectral_density`: stochastic Lanczos quadrature (Ghorbani et al., 2019);
+  iteration with deflation, Lanczos, or block Lanczos for repeated eigenvalues), from Hessian-vector
+  products (double backward);
+* :func:`median_dominant_eigenvalue`: the median over batches of each batch's top eigenvalue (Kaddour et al.);
+* :func:`spectral_density`: stochastic Lanczos quadrature (Ghorbani et al., 2019); :func:`eigenvalue_outliers`
+  counts its Ritz values beyond the bulk;
 * :func:`epsilon_sharpness`: Keskar et al.'s largest loss rise in a box, by projected ascent;
 * :func:`loss_surface`: 1-D / 2-D surfaces along random filter-normalised directions, regenerated
   from seeds inside the fused kernels and never stored;
@@ -21,15 +24,16 @@ command line in :mod:`.__main__` (``python -m flatlora_kernels.flatness``; :func
 first access so that importing the toolkit parses no arguments and imports no plotting library).
 """
 
-from .curvature import EigenResult, Sharpness, SpectralDensity, epsilon_sharpness, spectral_density, top_eigenvalues
+from .curvature import (DominantEigenvalues, EigenResult, Outliers, Sharpness, SpectralDensity, eigenvalue_outliers,
+                        epsilon_sharpness, median_dominant_eigenvalue, spectral_density, top_eigenvalues)
 from .plots import plot_densities, plot_plane, plot_surface_2d, plot_surfaces_1d
 from .surfaces import (LossPlane, LossSurface, NoisyLoss, direction_seed, lora_point, loss_plane, loss_surface,
                        materialised_direction, noisy_loss)
 from .targets import LossFn, merged_targets
 
-__all__ = ["EigenResult", "LossFn", "LossPlane", "LossSurface", "NoisyLoss", "Sharpness", "SpectralDensity",
-           "direction_seed", "epsilon_sharpness", "lora_point", "loss_plane", "loss_surface", "main",
-           "materialised_direction", "merged_targets", "noisy_loss", "plot_densities", "plot_plane",
+__all__ = ["DominantEigenvalues", "EigenResult", "LossFn", "LossPlane", "LossSurface", "NoisyLoss", "Outliers",
+           "Sharpness", "SpectralDensity", "direction_seed", "eigenvalue_outliers", "epsilon_sharpness", "lora_point", "loss_plane", "loss_surface", "main",
+           "materialised_direction", "median_dominant_eigenvalue", "merged_targets", "noisy_loss", "plot_densities", "plot_plane",
            "plot_surface_2d", "plot_surfaces_1d", "spectral_density", "top_eigenvalues"]
 
 

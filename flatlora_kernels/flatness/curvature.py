@@ -1,11 +1,14 @@
 """Curvature of the loss in merged-weight space, from Hessian-vector products (double backward).
 
 * :func:`top_eigenvalues`: the largest Hessian eigenvalues w.r.t. the merged weights, by power
-  iteration with deflation or by Lanczos;
-* :func:`spectral_density`: the eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al., 2019);
+  iteration with deflation, Lanczos or block Lanczos (which resolves repeated eigenvalues);
+* :func:`median_dominant_eigenvalue`: the top eigenvalue of each batch's loss on its own, and their median
+  (Kaddour et al., 2022, "When do flat minima optimizers work?");
+* :func:`spectral_density`: the eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al., 2019),
+  and :func:`eigenvalue_outliers`: how many of its Ritz values lie beyond the bulk;
 * :func:`epsilon_sharpness`: Keskar et al.'s largest loss rise in a box, by projected ascent.
 
-All three differentiate through explicitly merged weights (:class:`_MergedHessian`), so they are meant
+All of them differentiate through explicitly merged weights (:class:`_MergedHessian`), so they are meant
 for models whose merged target weights fit in memory twice. Eigenvalues and density need double
 backward through the model (load transformers models with ``attn_implementation="eager"``: fused
 attention kernels have no second derivative).
@@ -14,6 +17,7 @@ attention kernels have no second derivative).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -77,7 +81,7 @@ class EigenResult:
     """What :func:`top_eigenvalues` found, and how it got there."""
 
     eigenvalues: list[float]          # largest first
-    iterations: list[int]             # HVPs spent on each (power) or in total (lanczos, one entry)
+    iterations: list[int]             # HVPs spent on each (power) or in total (lanczos, block_lanczos: one entry)
     converged: list[bool]
     method: str
     tol: float
@@ -87,23 +91,34 @@ class EigenResult:
 
 def top_eigenvalues(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, k: int = 1, *,
                     method: str = "power", max_iter: int = 100, tol: float = 1e-4, seed: int = 0,
-                    include_all_linear: bool = False, progress: bool = True) -> EigenResult:
+                    block_size: int = 2, include_all_linear: bool = False, progress: bool = True) -> EigenResult:
     """The ``k`` largest Hessian eigenvalues of the mean loss w.r.t. the merged weights.
 
     ``method="power"``: power iteration with deflation, each stopped when the relative change of its
     Rayleigh quotient falls below ``tol`` (or after ``max_iter`` HVPs). ``method="lanczos"``:
     ``max_iter`` Lanczos steps with full reorthogonalisation, converged when the Ritz residual bound of
-    each of the ``k`` values is below ``tol`` times its magnitude.
+    each of the ``k`` values is below ``tol`` times its magnitude. A single start vector sees one
+    direction of each eigenspace, so Lanczos finds a repeated eigenvalue once (in exact arithmetic).
+    ``method="block_lanczos"``: Lanczos on blocks of ``block_size`` vectors, ``max_iter`` HVPs in all
+    (``max_iter // block_size`` block steps); it finds an eigenvalue up to ``block_size`` times, as
+    often as it repeats. Same convergence test as Lanczos, from the block residual.
     """
-    batches = checked_batches(batches, k=k, max_iter=max_iter)
-    if method not in ("power", "lanczos"):
-        raise ValueError(f"method must be 'power' or 'lanczos', got {method!r}")
+    batches = checked_batches(batches, k=k, max_iter=max_iter, block_size=block_size)
+    if method not in ("power", "lanczos", "block_lanczos"):
+        raise ValueError(f"method must be 'power', 'lanczos' or 'block_lanczos', got {method!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
+    if method == "block_lanczos" and max_iter < block_size:
+        raise ValueError(f"block_lanczos needs max_iter >= block_size (one block step), got max_iter={max_iter} "
+                         f"and block_size={block_size}")
     targets = merged_targets(model, include_all_linear)
     hess = _MergedHessian(model, loss_fn, batches, targets)
     generator = torch.Generator().manual_seed(seed)
     layers = [t.name for t in targets]
+    if method == "block_lanczos":
+        values, residuals, used = _block_lanczos(hess, generator, block_size, max_iter, k, progress)
+        return EigenResult(values, [used], [r <= tol * max(abs(v), 1e-12) for r, v in zip(residuals, values)],
+                           method, tol, hess.dim, layers)
     if method == "lanczos":
         steps = min(max_iter, hess.dim)
         alphas, betas, _ = _lanczos(hess, _normalised(hess.random(generator)), steps, progress)
@@ -139,6 +154,32 @@ def top_eigenvalues(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, 
     return EigenResult(values, iterations, converged, method, tol, hess.dim, layers)
 
 
+@dataclass
+class DominantEigenvalues:
+    """What :func:`median_dominant_eigenvalue` found: the top eigenvalue of each batch's loss, and their median."""
+
+    median: float
+    values: list[float]               # one per batch, in the order of ``batches``
+    converged: list[bool]
+    method: str
+    dimension: int
+
+
+def median_dominant_eigenvalue(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable, *, method: str = "power",
+                               max_iter: int = 20, tol: float = 1e-3, seed: int = 0, include_all_linear: bool = False,
+                               progress: bool = True) -> DominantEigenvalues:
+    """The median over ``batches`` of the largest Hessian eigenvalue of each batch's own loss (Kaddour et
+    al.'s sharpness measure): each value is :func:`top_eigenvalues` with ``k=1`` on that one batch, with
+    the same ``method``, ``max_iter``, ``tol`` and ``seed``."""
+    batches = checked_batches(batches, max_iter=max_iter)
+    results = [top_eigenvalues(model, loss_fn, [batch], k=1, method=method, max_iter=max_iter, tol=tol, seed=seed,
+                               include_all_linear=include_all_linear, progress=False)
+               for batch in progress_bar(batches, progress, "dominant eigenvalue per batch")]
+    values = [r.eigenvalues[0] for r in results]
+    return DominantEigenvalues(statistics.median(values), values, [r.converged[0] for r in results], method,
+                               results[0].dimension)
+
+
 def _lanczos(hess: _MergedHessian, v, steps: int, progress: bool):
     """Lanczos with full reorthogonalisation; returns (alphas, betas, basis)."""
     basis, alphas, betas = [v], [], []
@@ -154,6 +195,78 @@ def _lanczos(hess: _MergedHessian, v, steps: int, progress: bool):
             break
         basis.append([x / beta for x in w])
     return alphas, betas, basis
+
+
+def _block_lanczos(hess: _MergedHessian, generator, block_size: int, max_hvps: int, k: int, progress: bool):
+    """Block Lanczos with full reorthogonalisation: (top ``k`` Ritz values, their residual norms, HVPs used).
+
+    With every new vector orthogonalised against the whole basis, the coefficients removed from
+    ``H q_j`` are the entries ``q_i^T H q_j`` of the projected matrix, and the QR factor of what is left
+    couples the next block in: collecting both gives the block tridiagonal matrix column by column. A
+    vector that the QR finds (numerically) dependent is dropped, so the block may shrink (deflation).
+    """
+    block, _ = _qr_block([hess.random(generator) for _ in range(min(block_size, hess.dim))], [])
+    basis, columns = [], []           # columns[j][i] = q_i^T H q_j for every basis vector i known then
+    next_coupling: list[list[float]] = []
+    last_block = (0, 0)
+    for _ in progress_bar(range(max_hvps // block_size), progress, "block lanczos"):
+        if not block or len(basis) + len(block) > hess.dim:
+            break
+        start = len(basis)
+        basis += block
+        products = [hess.hvp(q) for q in block]
+        residuals = []
+        for w in products:
+            column = []
+            for q in basis:  # full reorthogonalisation (twice is enough in fp32)
+                coefficient = _dot(w, q)
+                w = _axpy(-coefficient, q, w)
+                column.append(coefficient)
+            for i, q in enumerate(basis):
+                again = _dot(w, q)
+                w = _axpy(-again, q, w)
+                column[i] += again
+            columns.append(column)
+            residuals.append(w)
+        block, next_coupling = _qr_block(residuals, basis)  # rows: the new block, columns: this block
+        for offset, column in enumerate(columns[start:]):
+            column += [row[offset] for row in next_coupling]      # q_new^T H q_j, below the diagonal block
+        last_block = (start, len(basis))
+    size = len(basis)
+    projected = torch.zeros(size, size, dtype=torch.float64)
+    for j, column in enumerate(columns):
+        column = column[:size]
+        projected[: len(column), j] = torch.tensor(column, dtype=torch.float64)
+    projected = 0.5 * (projected + projected.T)
+    ritz, vectors = torch.linalg.eigh(projected)
+    top = torch.argsort(ritz, descending=True)[:k]
+    coupling = torch.tensor(next_coupling, dtype=torch.float64) if next_coupling else torch.zeros(0, 0)
+    residual_norms = []
+    for i in top:  # ||H Q y - theta Q y|| = ||coupling · (the last block's entries of y)||
+        last_entries = vectors[last_block[0]:last_block[1], i]
+        residual_norms.append(float(torch.linalg.vector_norm(coupling @ last_entries)) if coupling.numel() else 0.0)
+    return [float(ritz[i]) for i in top], residual_norms, size
+
+
+def _qr_block(vectors, basis, drop_below: float = 1e-6):
+    """Modified Gram-Schmidt QR of ``vectors`` (already orthogonal to ``basis``): (orthonormal vectors kept,
+    coefficient rows ``R[l][j]`` of each kept vector in each input vector). A vector whose remaining norm
+    is below ``drop_below`` times the largest input norm is dependent and dropped."""
+    scale = max(math.sqrt(_dot(v, v)) for v in vectors)
+    kept, rows = [], []
+    for j, v in enumerate(vectors):
+        for l, q in enumerate(kept):
+            coefficient = _dot(v, q)
+            v = _axpy(-coefficient, q, v)
+            rows[l][j] += coefficient
+        for q in basis:  # keep the new block orthogonal to the basis as well
+            v = _axpy(-_dot(v, q), q, v)
+        norm = math.sqrt(_dot(v, v))
+        if norm > drop_below * scale:
+            kept.append([x / norm for x in v])
+            rows.append([0.0] * len(vectors))
+            rows[-1][j] = norm
+    return kept, rows
 
 
 def _tridiagonal(alphas, betas) -> torch.Tensor:
@@ -205,6 +318,49 @@ def spectral_density(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable,
             density += weight * torch.exp(-0.5 * ((grid - node) / width) ** 2) / (width * math.sqrt(2 * math.pi))
     density /= num_probes
     return SpectralDensity(grid.tolist(), density.tolist(), nodes, weights, num_probes, lanczos_steps, width, hess.dim)
+
+
+@dataclass
+class Outliers:
+    """The Ritz values of a :class:`SpectralDensity` that lie beyond its bulk (:func:`eigenvalue_outliers`)."""
+
+    count: int                        # median over probes of the per-probe counts
+    per_probe: list[int]
+    values: list[list[float]]         # each probe's outlying Ritz values, largest first
+    bulk_low: float                   # weighted quantiles of the SLQ measure at tail and 1 - tail
+    bulk_high: float
+    threshold: float                  # bulk_high + gap * (bulk_high - bulk_low)
+    tail: float
+    gap: float
+
+
+def eigenvalue_outliers(density: SpectralDensity, *, tail: float = 0.05, gap: float = 1.0) -> Outliers:
+    """How many Hessian eigenvalues stand out above the bulk of an SLQ density, by a stated rule.
+
+    The bulk is the interval between the ``tail`` and ``1 - tail`` quantiles of the SLQ measure (every
+    probe's Ritz values with their quadrature weights, probes weighted alike); a Ritz value is an outlier
+    when it exceeds the bulk's upper edge by more than ``gap`` times the bulk's width. Outlying
+    eigenvalues carry weight about 1/dimension each, so they do not move the quantiles, while Lanczos
+    resolves the extreme eigenvalues first, so each probe's count estimates their number; ``count`` is
+    the median over probes.
+    """
+    tail = checks.probability("tail", tail)
+    if not tail < 0.5:
+        raise ValueError(f"tail must be < 0.5 (the bulk lies between the tail and 1 - tail quantiles), got {tail!r}")
+    gap = checks.nonnegative_real("gap", gap)
+    nodes = torch.tensor([x for probe in density.nodes for x in probe], dtype=torch.float64)
+    weights = torch.tensor([w for probe in density.weights for w in probe], dtype=torch.float64)
+    order = torch.argsort(nodes)
+    cumulative = torch.cumsum(weights[order], 0) / weights.sum()
+
+    def quantile(q: float) -> float:
+        return float(nodes[order][min(int(torch.searchsorted(cumulative, q)), len(order) - 1)])
+
+    low, high = quantile(tail), quantile(1.0 - tail)
+    threshold = high + gap * (high - low)
+    values = [sorted((x for x in probe if x > threshold), reverse=True) for probe in density.nodes]
+    per_probe = [len(v) for v in values]
+    return Outliers(int(statistics.median_low(per_probe)), per_probe, values, low, high, threshold, tail, gap)
 
 
 # -------------------------------------------------------------------------------- eps-sharpness
