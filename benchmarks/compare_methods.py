@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import finetune_minilm as job  # noqa: E402  (the main job: data, model, evaluation)
 from common import RESULTS, reset_peak_rss, status_kib, write_record  # noqa: E402
+from lora_variants import make_variant  # noqa: E402
 
 import flatlora_kernels as fk  # noqa: E402
 
@@ -149,10 +150,12 @@ def regression_loss(model, enc, target) -> torch.Tensor:
 
 
 def train_loop(model, tokenizer, method, controller, data, steps: int, batch_size: int, lr: float, seed: int,
-               loss_fn=regression_loss, on_step=None) -> float:
+               loss_fn=regression_loss, on_step=None, after_optimizer_step=None) -> float:
     """``steps`` optimizer steps of AdamW (cosine learning rate, no weight decay) on (text, target) ``data`` in
     a seeded order, through ``method.accumulate`` when there is a method, advancing ``method`` and the
-    Flat-LoRA ``controller`` after each step; ``on_step(step, loss)`` after each. Returns the wall seconds."""
+    Flat-LoRA ``controller`` after each step; ``after_optimizer_step(model, step)`` right after the optimizer
+    step, while the gradients are still there (AdaLoRA's rank allocator), and ``on_step(step, loss)`` at the
+    end of each. Returns the wall seconds."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     order = torch.Generator().manual_seed(seed)
@@ -176,6 +179,8 @@ def train_loop(model, tokenizer, method, controller, data, steps: int, batch_siz
             loss = method.accumulate(closure)
         opt.step()
         sched.step()
+        if after_optimizer_step is not None:
+            after_optimizer_step(model, step)
         opt.zero_grad(set_to_none=True)
         for advancing in (method, controller):
             if advancing is not None:
@@ -186,16 +191,19 @@ def train_loop(model, tokenizer, method, controller, data, steps: int, batch_siz
 
 
 def train_run(name: str, value, seed: int, data, evaluation, steps: int, args, preset: Preset,
-              measure_flatness: bool = False, measure_memory: bool = False) -> dict:
+              measure_flatness: bool = False, measure_memory: bool = False, variant: str = "lora") -> dict:
     """Train one method from the same start and data order; evaluate on ``evaluation``. Peak memory is
-    only meaningful in a fresh process (``measure_memory``): a used one reuses memory it already holds."""
+    only meaningful in a fresh process (``measure_memory``): a used one reuses memory it already holds.
+    ``variant`` is the LoRA variant trained (``lora_variants.NAMES``; the main job's plain LoRA by default)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer, model = job.build(seed, args.rank)
+    lora = make_variant(variant, args.rank, steps, job.TARGETS, data, args.batch, seed)
+    tokenizer, model = job.build(seed, args.rank, peft_config=lora.peft_config, prepare=lora.prepare)
     before = job.frozen_digest(model)
     method, controller = make_method(name, value, model, seed, steps)
     rss_start = reset_peak_rss()
-    wall = train_loop(model, tokenizer, method, controller, data, steps, args.batch, args.lr, seed)
+    wall = train_loop(model, tokenizer, method, controller, data, steps, args.batch, args.lr, seed,
+                      after_optimizer_step=lora.after_optimizer_step)
     peak_extra_mib = (status_kib("VmHWM") - rss_start) / 1024
     if isinstance(method, fk.BiLoRA):
         method.remove()  # dropped at inference
@@ -218,7 +226,8 @@ def choose(rows: list[dict]) -> dict:
     return {name: row["value"] for name, row in best.items()}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -236,7 +245,7 @@ def summarise(rows: list[dict], chosen: dict, methods: list[str]) -> list[dict]:
             for key in ("mse", "pearson", "wall_s", "peak_extra_rss_mib", "top_eigenvalue", "noisy_loss"):
                 values = [r[key] for r in mine if key in r]
                 if values:
-                    entry[key + "_mean"], entry[key + "_std"] = _mean_std(values)
+                    entry[key + "_mean"], entry[key + "_std"] = mean_std(values)
             entry["time_vs_lora"] = entry["wall_s_mean"] / base_wall
             if base_mem and "peak_extra_rss_mib_mean" in entry:
                 entry["memory_vs_lora"] = entry["peak_extra_rss_mib_mean"] / statistics.fmean(base_mem)
@@ -292,20 +301,27 @@ def figure(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def comparison_parser(doc: str, out_dir: Path) -> argparse.ArgumentParser:
+    """The options every comparison on the main job takes: preset, seeds, steps, batch, learning rate, rank,
+    CPU threads and where the results go."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--seeds", type=int, help="seeds per method and setting (preset: full 5, tiny 1)")
+    parser.add_argument("--seeds", type=int, help="seeds per run (preset: full 5, tiny 1)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (preset: full 80, tiny 2)")
-    parser.add_argument("--flatness-seeds", type=int, default=None,
-                        help="seeds of the full setting measured for flatness (preset: full 3, tiny 1)")
-    parser.add_argument("--methods", nargs="+", choices=list(GRID), default=list(GRID),
-                        help="a subset, for timing (the table needs lora)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS / "compare-methods")
+    parser.add_argument("--out-dir", type=Path, default=out_dir)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = comparison_parser(__doc__, RESULTS / "compare-methods")
+    parser.add_argument("--flatness-seeds", type=int, default=None,
+                        help="seeds of the full setting measured for flatness (preset: full 3, tiny 1)")
+    parser.add_argument("--methods", nargs="+", choices=list(GRID), default=list(GRID),
+                        help="a subset, for timing (the table needs lora)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     steps = args.steps or preset.steps
@@ -357,14 +373,20 @@ def main(argv=None) -> None:
               "flatness_sigma": FLATNESS_SIGMA, "flatness_seeds": flatness_seeds,
               "sizes": {"fit": len(fit), "validation": len(val), "small": len(small), "test": len(test)},
               "total_wall_s": time.perf_counter() - clock}
-    stem = "compare-methods" + ("" if args.preset == "full" else f"-{args.preset}")
-    out = write_record(args.out_dir / f"{stem}.json", "compare_methods", "cpu", config,
-                       {"summary": summary, "runs": rows, "grid": grid_rows})
-    table = markdown(summary, config)
-    (args.out_dir / f"{stem}.md").write_text(table)
-    figure(summary, args.out_dir / f"{stem}.png")
+    publish(args.out_dir, "compare-methods", args.preset, config, {"summary": summary, "runs": rows, "grid": grid_rows},
+            markdown(summary, config), lambda path: figure(summary, path))
+
+
+def publish(out_dir: Path, name: str, preset: str, config: dict, results: dict, table: str, draw) -> Path:
+    """Write a comparison's record (``<name>[-preset].json``), its Markdown table and its figure (``draw(path)``)
+    side by side, and print the table."""
+    stem = name + ("" if preset == "full" else f"-{preset}")
+    out = write_record(out_dir / f"{stem}.json", name.replace("-", "_"), "cpu", config, results)
+    (out_dir / f"{stem}.md").write_text(table)
+    draw(out_dir / f"{stem}.png")
     print(table)
     print(f"wrote {out} ({config['total_wall_s']:.0f} s in all)")
+    return out
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import compare_methods as cm  # noqa: E402  (the methods, the training loop, the main job's splits)
 import lexicon_tasks as lexicons  # noqa: E402
+from compare_methods import mean_std  # noqa: E402
 from common import RESULTS, write_record  # noqa: E402
 
 job = cm.job
@@ -149,10 +150,6 @@ def run(name, value, seed, data, steps, args, preset, evaluation, curve_data=Non
     if curve:
         row["curve"] = curve
     return row
-
-
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(rows: list[dict]) -> list[dict]:

