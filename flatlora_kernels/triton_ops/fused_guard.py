@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from .. import noise as contract
 from ..matmul_call import PerturbedMatmul
 from ..quant4bit import PackedWeight4bit
 from .common import cdiv
@@ -80,7 +81,8 @@ def variant_key(call: PerturbedMatmul, config_name: str) -> tuple:
     """What makes a fused launch a distinct compiled variant, as the guard tells them apart."""
     return (call.a.device, call.transpose_weight, call.out_dtype, config_name, _weight_form(call.weight), call.a.dtype,
             call.row_std is not None, _dtype(call.bias), _dtype(call.lora_hidden), _dtype(call.lora_out_factor),
-            rank_block(_rank(call)), call.dropout_keep is not None, call.noise_offset[1] % 4 == 0)
+            rank_block(_rank(call)), call.dropout_keep is not None,
+            call.noise_offset[1] % contract.NORMALS_PER_CALL == 0)
 
 
 def variant_name(key: tuple) -> str:
@@ -160,7 +162,7 @@ def _check(key: tuple, call: PerturbedMatmul, config: dict) -> str | None:
         bias=like(call.bias, out_columns), lora_hidden=like(call.lora_hidden, tokens, rank),
         lora_out_factor=like(call.lora_out_factor, rank, out_columns),
         dropout_keep=None if call.dropout_keep is None else (torch.rand(tokens, out_columns, generator=g) >= 0.3).to(device),
-        noise_offset=(5, 8 if call.noise_offset[1] % 4 == 0 else 7))
+        noise_offset=(5, 8 if call.noise_offset[1] % contract.NORMALS_PER_CALL == 0 else 7))
     with torch.no_grad():
         fused = launch_fused(problem, config)
         if STATE.corrupt is not None:

@@ -87,7 +87,8 @@ def merged_row_norms_triton(weight: torch.Tensor | PackedWeight4bit, lora_A: tor
         w, lora_A, lora_B, out if row_std is None else row_std.contiguous(), out, m, n, r,
         stride_wm, stride_wn, lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), float(scaling), seed_lo, seed_hi, row_offset, col_offset,
-        **weight_kwargs, HAS_NOISE=row_std is not None, NOISE_COLS_ALIGNED=col_offset % 4 == 0,
+        **weight_kwargs, HAS_NOISE=row_std is not None,
+        NOISE_COLS_ALIGNED=col_offset % contract.NORMALS_PER_CALL == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block(r),
     )
     return out

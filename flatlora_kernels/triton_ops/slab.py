@@ -103,7 +103,7 @@ def _perturbed_slab_kernel(
     row_ok = local_rows < slab_rows
     if HAS_NOISE:
         if NOISE_COLS_ALIGNED:
-            noise_col_offset = tl.multiple_of(noise_col_offset, 4)
+            noise_col_offset = tl.multiple_of(noise_col_offset, 8)  # contract.NORMALS_PER_CALL
         std = tl.load(row_std_ptr + row_start + local_rows, mask=row_ok, other=0.0)
         noise_rows = (tl.cast(noise_row_offset + rows, tl.uint32) + tl.arange(0, BLOCK_ROWS).to(tl.uint32))
         z = gaussian_tile(seed_lo, seed_hi, noise_rows, noise_col_offset + cols, BLOCK_COLS, FAST_NOISE,
@@ -137,7 +137,8 @@ def write_perturbed_slab(weight: torch.Tensor | PackedWeight4bit, seed: int, row
         w, row_std if row_std is not None else out, out, m, n, r0, c0, r1 - r0, c1 - c0,
         stride_wi, stride_wj, out.stride(0), seed_lo, seed_hi, *noise_offset, **weight_kwargs,
         HAS_NOISE=row_std is not None, MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(out.dtype),
-        FAST_NOISE=fast_noise(out.dtype), NOISE_COLS_ALIGNED=noise_offset[1] % 4 == 0, **blocks, **options)
+        FAST_NOISE=fast_noise(out.dtype), NOISE_COLS_ALIGNED=noise_offset[1] % contract.NORMALS_PER_CALL == 0,
+        **blocks, **options)
     return out
 
 
