@@ -89,9 +89,9 @@ def generate_noise(seed: int, out_features: int, in_features: int, *, device=Non
 
     See :mod:`flatlora_kernels.noise` for the exact definition: noise contract version
     ``noise.CONTRACT_VERSION`` (2: eight normals per Philox4x32-10 call from 16-bit uniforms,
-    ``|Z| <= 4.85``). This materialises it, with the precise ``ln``/``sin``/``cos``; the training paths never materialise it, and the fused 16-bit
-    GPU kernels evaluate those three with hardware approximations, within
-    ``noise.FAST_NOISE_ATOL`` of this.
+    ``|Z| <= 4.85``). This materialises it, with the precise ``ln``/``sin``/``cos``; the training paths
+    never materialise it, and the fused 16-bit GPU kernels evaluate those three with hardware
+    approximations, within ``noise.FAST_NOISE_ATOL`` of this.
     """
     noise_offset = checks.renamed_argument("generate_noise", deprecated, "offset", "noise_offset",
                                            noise_offset, (0, 0))
