@@ -9,8 +9,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -83,20 +81,19 @@ std::string cpu_noise_isa() { return chosen_isa().name; }
 
 namespace {
 
-// Items of a write_noise call, claimed from a shared counter by the caller and by helpers on ATen's
-// inter-op pool. Helpers hold the state by shared_ptr, so one that starts after the call has
-// finished finds no item left and touches nothing else.
+// Items of a write_noise call, claimed from a shared counter by the threads of one parallel region:
+// a thread that starts late (descheduled, or still finishing the previous region) takes fewer
+// items instead of holding a fixed share.
 struct NoiseWork {
   NoiseRows task;
   void (*rows_fn)(const NoiseRows&, int64_t, int64_t);
   int64_t rows_per_item, items;
-  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int64_t> next{0};
 
   void run() {
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t begin = item * rows_per_item;
       rows_fn(task, begin, std::min(task.rows, begin + rows_per_item));
-      done.fetch_add(1, std::memory_order_release);
     }
   }
 };
@@ -105,17 +102,16 @@ struct NoiseWork {
 
 void write_noise(const NoiseRows& task) {
   if (task.rows <= 0 || task.cols <= 0) return;
-  auto work = std::make_shared<NoiseWork>();
-  work->task = task;
-  work->rows_fn = chosen_isa().rows;
-  work->rows_per_item = std::max<int64_t>(1, kItemElements / task.cols);
-  work->items = (task.rows + work->rows_per_item - 1) / work->rows_per_item;
-  // No fork-join barrier: the caller works through the items itself and waits only for items a
-  // helper has claimed, never for a helper the OS has not scheduled yet.
-  const int64_t helpers = std::min<int64_t>(work->items, at::get_num_threads()) - 1;
-  for (int64_t h = 0; h < helpers; ++h) at::launch([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  NoiseWork work;
+  work.task = task;
+  work.rows_fn = chosen_isa().rows;
+  work.rows_per_item = std::max<int64_t>(1, kItemElements / task.cols);
+  work.items = (task.rows + work.rows_per_item - 1) / work.rows_per_item;
+  // ATen's intra-op (OpenMP) threads, the ones the GEMMs around this call use: right after a GEMM
+  // they are awake, where helpers on the inter-op pool first had to be scheduled (on 2 cores the
+  // 384 x 384 noise of the main job got no help from them at all: benchmarks/NOTES.md).
+  const int64_t threads = std::min<int64_t>(work.items, at::get_num_threads());
+  at::parallel_for(0, threads, 1, [&work](int64_t, int64_t) { work.run(); });
 }
 
 at::Tensor box_muller_terms_cpu() {

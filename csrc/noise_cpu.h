@@ -17,9 +17,9 @@ struct NoiseRows {
   const float* row_scale;
 };
 
-// Runs a NoiseRows task on the calling thread plus up to at::get_num_threads() - 1 helpers from ATen's
-// inter-op pool. Work is handed out in small items (~32k normals) from a shared counter, with no
-// fork-join barrier, so a thread the OS deschedules delays at most the item it holds.
+// Runs a NoiseRows task on ATen's intra-op threads (at most at::get_num_threads()). Work is handed out
+// in small items (~32k normals) from a shared counter, so a thread that starts late takes fewer items;
+// the region still ends when every thread has arrived, as torch's own parallel ops do.
 void write_noise(const NoiseRows& task);
 
 // The instruction set the generator uses here: "avx512", "avx2" or "portable" (the best the CPU
