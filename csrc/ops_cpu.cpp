@@ -43,6 +43,16 @@ void add_noise(at::Tensor& block, uint64_t seed, int64_t row0, int64_t col0, con
                         row_scale});
 }
 
+// A float32 (rows, n) block of the calling thread's scratch buffer, kept between calls and grown to the
+// largest block asked for (at most max(4 MiB, 64 n bytes), see block_rows): a fresh buffer of that size
+// comes from mmap and is page-faulted in on every call, which took 70 us of a 384 x 384 forward's
+// ~270 us on the main job (benchmarks/NOTES.md). The op is not reentrant, so one buffer per thread.
+at::Tensor scratch_block(int64_t rows, int64_t n) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < rows * n) buffer = at::empty({rows * n}, at::kFloat);
+  return buffer.narrow(0, 0, rows * n).view({rows, n});
+}
+
 at::ScalarType parse_dtype(const std::string& name) {
   if (name == "float32") return at::kFloat;
   if (name == "bfloat16") return at::kBFloat16;
@@ -103,7 +113,7 @@ at::Tensor merged_row_norms_cpu(const at::Tensor& weight, const at::Tensor& lora
   const int64_t rows = block_rows(n);
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t len = std::min(rows, m - r0);
-    auto merged = weight.narrow(0, r0, len).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    auto merged = scratch_block(len, n).copy_(weight.narrow(0, r0, len));
     merged.addmm_(lora_B.narrow(0, r0, len).to(at::kFloat), a, /*beta=*/1.0, /*alpha=*/scaling);
     norms.narrow(0, r0, len).copy_(at::linalg_vector_norm(merged, 2, {1}));
   }
@@ -164,8 +174,7 @@ at::Tensor perturbed_matmul_cpu(const at::Tensor& a, const at::Tensor& weight, b
   auto out = at::zeros({M, N}, at::kFloat);
   const at::Tensor row_scale = row_std ? row_std->contiguous() : at::Tensor();
   const int64_t rows = block_rows(n);
-  // One block buffer for the whole call: fresh large allocations would page-fault on every block.
-  auto block_buffer = at::empty({std::min(rows, m), n}, at::kFloat);
+  auto block_buffer = scratch_block(std::min(rows, m), n);
   for (int64_t r0 = 0; r0 < m && M > 0; r0 += rows) {
     const int64_t len = std::min(rows, m - r0);
     auto block = block_buffer.narrow(0, 0, len).copy_(weight.narrow(0, r0, len));
