@@ -53,7 +53,7 @@ class FlatLoraCallback(TrainerCallback):
         if self.controller is None:
             config = dataclasses.replace(self.config, total_steps=self.config.total_steps or state.max_steps)
             self.controller = apply_flat_lora(model, config, strict=self.strict, on_nonfinite=self.on_nonfinite)
-        self.controller._watching = True
+        self.controller._set_watching(True)
         if state.global_step == 0:
             if self.controller.step_count:  # train() again from scratch with the same callback
                 self.controller.step_count = 0
