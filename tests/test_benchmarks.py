@@ -224,6 +224,19 @@ def test_dora_benchmark_runs(tmp_path):
     assert all(row["fwdbwd_ms"] > 0 for row in methods) and ratios["ratios"]["flat_dora/dora"] > 0
 
 
+def test_main_job_steps_benchmark_runs(tmp_path):
+    out = tmp_path / "steps.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "main_job_steps.py"), "--steps", "3", "--block", "2",
+                           "--warmup", "1", "--busy", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = read_record(out, "main_job_steps")["results"]
+    assert row["busy_processes"] == 1 and row["tokens_per_batch"] > 0
+    assert row["lora_ms"] > 0 and row["flat_lora_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["flat_lora_ms"] / row["lora_ms"])
+
+
 @pytest.fixture
 def bench_modules(monkeypatch):
     """Import a benchmark script by name, as the scripts import each other (benchmarks/ on the path)."""
