@@ -132,9 +132,14 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
     """``acc += a[offs_m, :] @ op(W + diag(c) Z)[:, offs_n]``, one K-step at a time (``std_n``: c of the
     W rows that are the output columns, forward).
 
-    Software pipelining by hand: the noise of step k + 1 is generated after step k's ``tl.dot``, so
-    the compiler can issue it while that step's asynchronous wgmma runs (the loop ends with one
-    unused tile, past K)."""
+    Software pipelining by hand: step k + 1's noise is generated after step k's ``tl.dot``, to run
+    beside the asynchronous wgmma. For that, nothing after the dot may touch memory: ptxas then issues
+    the noise between the wgmma and its wait, but it puts the wait first when the pipeliner's async
+    copies of the next stage follow the dot (benchmarks/NOTES.md section 1.10). So a dense W's ``a`` and
+    W tiles of step k + 1 are loaded into registers before step k's dot (their latency hides behind it)
+    and perturbed after it. A 4-bit W keeps the pipeliner's copies and perturbs each step's tile before
+    its dot: its in-register dequantization on top of the prefetched tiles spills on sm_90. The loop
+    ends with one unused step past K, its loads masked off."""
     if HAS_NOISE:
         if NOISE_COLS_ALIGNED:
             noise_col_offset = tl.multiple_of(noise_col_offset, 8)
@@ -147,15 +152,24 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
     else:
         noise_rows = 0  # unused without noise
         z = 0.0
+    prefetch: tl.constexpr = not WEIGHT_4BIT  # step k + 1's tiles in registers before step k's dot (see above)
+    if prefetch:
+        a = _a_tile(a_ptr, offs_m, m_ok, 0, K, stride_am, stride_ak, compute_dtype, MANUAL_BF16_ROUNDING, BLOCK_K)
+        w, std = _weight_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, n_start, 0, N, K, stride_wi,
+                              stride_wj, W_ROWS_ARE_N, HAS_NOISE, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS,
+                              DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING, BLOCK_N, BLOCK_K)
+        w = _perturbed(w, std, z, compute_dtype, W_ROWS_ARE_N, HAS_NOISE, MANUAL_BF16_ROUNDING)
     for k_start in range(0, K, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        a = round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
-        w = _perturbed_w_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, z, n_start, k_start, N, K,
-                              stride_wi, stride_wj, compute_dtype, W_ROWS_ARE_N, HAS_NOISE, MANUAL_BF16_ROUNDING,
-                              WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING,
-                              BLOCK_N, BLOCK_K)
+        # the tiles of step k + 1 (prefetch), else of step k, perturbed with its noise now
+        k_load = k_start + BLOCK_K if prefetch else k_start
+        a_load = _a_tile(a_ptr, offs_m, m_ok, k_load, K, stride_am, stride_ak, compute_dtype, MANUAL_BF16_ROUNDING,
+                         BLOCK_K)
+        w_load, std = _weight_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, n_start, k_load, N, K,
+                                   stride_wi, stride_wj, W_ROWS_ARE_N, HAS_NOISE, WEIGHT_4BIT, QUANT_BLOCKSIZE,
+                                   WHOLE_BLOCK_ROWS, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING, BLOCK_N, BLOCK_K)
+        if not prefetch:
+            a = a_load
+            w = _perturbed(w_load, std, z, compute_dtype, W_ROWS_ARE_N, HAS_NOISE, MANUAL_BF16_ROUNDING)
         if UPCAST_DOT:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
         else:
@@ -163,6 +177,9 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
         if HAS_NOISE:  # the next step's noise, while this step's MMA runs
             z = _noise_tile(seed_lo, seed_hi, noise_rows, noise_col_offset, n_start, k_start, BLOCK_K,
                             W_ROWS_ARE_N, FAST_NOISE, NOISE_COLS_ALIGNED, BLOCK_N, BLOCK_K)
+        if prefetch:
+            a = a_load
+            w = _perturbed(w_load, std, z, compute_dtype, W_ROWS_ARE_N, HAS_NOISE, MANUAL_BF16_ROUNDING)
     return acc
 
 
@@ -176,7 +193,7 @@ def _noise_tile(seed_lo, seed_hi, noise_rows, noise_col_offset, n_start, k_start
 
     ``K_AHEAD`` is added last, ``(c0 + k_start) + K_AHEAD``: passing ``k_start + BLOCK_K`` instead
     let the compiler move 35 ALU instructions of the bf16 forward out from under the MMA (sm_90 SASS,
-    benchmarks/kernel_budget.py: iteration over MMA time 1.77 -> 1.90)."""
+    benchmarks/kernel_budget.py, contract v1: iteration over MMA time 1.77 -> 1.90)."""
     if W_ROWS_ARE_N:
         z = gaussian_tile(seed_lo, seed_hi, noise_rows, noise_col_offset + k_start + K_AHEAD, BLOCK_K, FAST_NOISE,
                           NOISE_COLS_ALIGNED)
@@ -187,32 +204,52 @@ def _noise_tile(seed_lo, seed_hi, noise_rows, noise_col_offset, n_start, k_start
 
 
 @triton.jit
-def _perturbed_w_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, z, n_start, k_start, N, K,
-                      stride_wi, stride_wj, compute_dtype: tl.constexpr, W_ROWS_ARE_N: tl.constexpr,
-                      HAS_NOISE: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
-                      QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
-                      DEQUANT_MANUAL_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The ``[BLOCK_K, BLOCK_N]`` operand ``op(W + diag(c) Z)`` of one K-step: W's tile (dense, or 4-bit
-    dequantized) plus ``c * z`` in float32, rounded once to ``compute_dtype``. Forward, W's rows are
-    the output columns: the tile at ``(n_start, k_start)`` is read and used transposed, with the c of
-    those rows (``std_n``); for dX the tile at ``(k_start, n_start)`` is used as it is, with the c of
-    the K-step's rows."""
+def _a_tile(a_ptr, offs_m, m_ok, k_start, K, stride_am, stride_ak, compute_dtype: tl.constexpr,
+            MANUAL_BF16_ROUNDING: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_K]`` tile of ``a`` at ``k_start`` (0 past K), rounded to ``compute_dtype``."""
+    offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+    a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+    return round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
+
+
+@triton.jit
+def _weight_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, n_start, k_start, N, K, stride_wi, stride_wj,
+                 W_ROWS_ARE_N: tl.constexpr, HAS_NOISE: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
+                 QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+                 DEQUANT_MANUAL_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W's tile of the K-step at ``k_start`` in W's orientation (dense, or 4-bit dequantized; 0 past the
+    weight) and the c of its rows, as a column for the tile: forward the tile at ``(n_start, k_start)``,
+    ``[BLOCK_N, BLOCK_K]``, with the output columns' ``std_n``; for dX the tile at ``(k_start, n_start)``,
+    ``[BLOCK_K, BLOCK_N]``, with the c of the K-step's rows."""
     if W_ROWS_ARE_N:
         w = load_weight_tile(w_ptr, n_start, k_start, N, K, stride_wi, stride_wj, absmax_ptr, codebook_ptr,
                              BLOCK_N, BLOCK_K, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
                              DEQUANT_MANUAL_ROUNDING)
-        if HAS_NOISE:
-            w = w.to(tl.float32) + std_n[:, None] * z
-        w = tl.trans(round_to(w, compute_dtype, MANUAL_BF16_ROUNDING))
+        std = std_n[:, None] if HAS_NOISE else 0.0
     else:
         w = load_weight_tile(w_ptr, k_start, n_start, K, N, stride_wi, stride_wj, absmax_ptr, codebook_ptr,
                              BLOCK_K, BLOCK_N, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
                              DEQUANT_MANUAL_ROUNDING)
         if HAS_NOISE:
             offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-            std_k = tl.load(row_std_ptr + offs_k, mask=offs_k < K, other=0.0)
-            w = w.to(tl.float32) + std_k[:, None] * z
-        w = round_to(w, compute_dtype, MANUAL_BF16_ROUNDING)
+            std = tl.load(row_std_ptr + offs_k, mask=offs_k < K, other=0.0)[:, None]
+        else:
+            std = 0.0
+    return w, std
+
+
+@triton.jit
+def _perturbed(w, std, z, compute_dtype: tl.constexpr, W_ROWS_ARE_N: tl.constexpr, HAS_NOISE: tl.constexpr,
+               MANUAL_BF16_ROUNDING: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` operand ``op(W + diag(c) Z)`` of one K-step from W's tile ``w`` (in W's
+    orientation, see :func:`_weight_tile`), its rows' c ``std`` and their noise ``z``: ``w + c * z`` in
+    float32, rounded once to ``compute_dtype``, transposed forward (W's rows are the output columns)."""
+    if HAS_NOISE:
+        w = w.to(tl.float32) + std * z
+    w = round_to(w, compute_dtype, MANUAL_BF16_ROUNDING)
+    if W_ROWS_ARE_N:
+        w = tl.trans(w)
     return w
 
 
