@@ -126,17 +126,21 @@ def test_noise_of_a_row_ignores_token_count_and_order(device_backend):
     torch.testing.assert_close(call(x.repeat(3, 1)), full.repeat(3, 1), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("in_features,out_features", [(130, 75), (128, 192)])
 @pytest.mark.parametrize("config", sorted(MATMUL_CONFIGS.configs))
-def test_every_gpu_configuration_on_the_interpreter(config, monkeypatch):
-    """Each entry of the GPU configuration table, forced on the CPU at odd shapes that span several
-    W tiles and K steps: forward and gradients against float64, and token independence of the
-    noise (a single token, and a shuffled batch, see the same W + eps as the full batch)."""
+def test_every_gpu_configuration_on_the_interpreter(config, in_features, out_features, monkeypatch):
+    """Each entry of the GPU configuration table, forced on the CPU at shapes that span several W tiles
+    and K steps, 70 tokens: forward and gradients against float64, and token independence of the
+    noise (a single token, and a shuffled batch, see the same W + eps as the full batch). 130 x 75 cuts
+    every K step short; 128 x 192 has whole K steps in both directions (``EVEN_K``: unmasked K, the last
+    prefetch re-reads the last step) with a partial output tile."""
     reason = fk.backends._unavailable_reason("triton", torch.device("cpu"))
     if reason:
         pytest.skip(reason)
     monkeypatch.setenv(BACKEND_ENV, "triton")
     dtype = torch.float32 if config.startswith("fp32") else torch.bfloat16
-    x, weight, bias, lora_A, lora_B, row_std = make_inputs("cpu", (70,), 130, 75, 3, dtype, torch.float32)
+    x, weight, bias, lora_A, lora_B, row_std = make_inputs("cpu", (70,), in_features, out_features, 3, dtype,
+                                                           torch.float32)
     with forced_matmul_config(config):
         y, y64, grads, grads64 = run_both(x, weight, bias, lora_A, lora_B, row_std)
         call = lambda inp: fk.flat_lora_linear(inp, weight, bias, lora_A, lora_B, 0.75, seed=1234,  # noqa: E731

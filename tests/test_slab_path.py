@@ -395,6 +395,35 @@ def test_the_guard_can_be_switched_off(monkeypatch):
         _guarded_call()
 
 
+@pytest.mark.parametrize("config_name", ["16bit-bulk-wide", "16bit-bulk-narrow"])
+@pytest.mark.parametrize("forward", [True, False])
+@pytest.mark.parametrize("form", ["dense", "4-bit whole blocks", "4-bit straddling"])
+@pytest.mark.parametrize("inner_blocks", [3, 3.5])
+def test_the_guard_problem_compiles_to_the_callers_variant(config_name, forward, form, inner_blocks):
+    """The check problem's variant key equals the call's: same K divisibility by BLOCK_K (EVEN_K drops the
+    K masks), same 4-bit row/block relation, whatever the sizes the call has."""
+    config = fused.MATMUL_CONFIGS.configs[config_name]
+    inner = int(inner_blocks * config["BLOCK_K"]) + (0 if inner_blocks == int(inner_blocks) else 3)
+    out_columns = 150
+    m, n = (out_columns, inner) if forward else (inner, out_columns)
+    if form == "dense":
+        weight = torch.randn(m, n).to(torch.bfloat16)
+    else:
+        pytest.importorskip("bitsandbytes")
+        blocksize = 32 if form == "4-bit whole blocks" else 128
+        if form == "4-bit whole blocks":
+            n = -(-n // blocksize) * blocksize
+        elif n % blocksize == 0:
+            n += 2
+        weight = packed_weight(m, n, blocksize=blocksize, dtype=torch.bfloat16)
+    inner = n if forward else m
+    call = PerturbedMatmul(torch.randn(21, inner).to(torch.bfloat16), weight, transpose_weight=forward, seed=3,
+                           row_std=torch.rand(m), out_dtype=torch.bfloat16)
+    problem = fused_guard.check_problem(call, config)
+    assert (problem.inner_size % config["BLOCK_K"] == 0) == (call.inner_size % config["BLOCK_K"] == 0)
+    assert fused_guard.variant_key(problem, config_name, config) == fused_guard.variant_key(call, config_name, config)
+
+
 def test_the_guard_checks_4bit_variants_with_a_4bit_problem(monkeypatch):
     pytest.importorskip("bitsandbytes")
     monkeypatch.setenv(fused_guard.CHECK_ENV, "error")

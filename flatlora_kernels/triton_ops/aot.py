@@ -93,7 +93,7 @@ def matmul_variant(dtype: torch.dtype, forward: bool, config_name: str, config: 
         dtype, forward=forward, blocks=blocks, weight_tile=weight_4bit_constexprs(dtype if weight_4bit else None,
                                                                                   whole_block_rows),
         has_noise=True, has_bias=forward, has_lora=True, has_keep=not forward, rank=16, noise_cols_aligned=True,
-        fp32_precision="tf32"))
+        even_k=True, fp32_precision="tf32"))
     noise_rows, noise_cols = ((blocks["BLOCK_N"], blocks["BLOCK_K"]) if forward
                               else (blocks["BLOCK_K"], blocks["BLOCK_N"]))
     direction = "forward" if forward else "dX"

@@ -18,6 +18,7 @@ tests run it on the CPU under the interpreter (:func:`flatlora_kernels.testing.c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import threading
 import warnings
@@ -77,21 +78,21 @@ def _rank(call: PerturbedMatmul) -> int:
     return 1 if call.lora_hidden is None else call.lora_hidden.shape[1]
 
 
-def variant_key(call: PerturbedMatmul, config_name: str) -> tuple:
+def variant_key(call: PerturbedMatmul, config_name: str, config: dict) -> tuple:
     """What makes a fused launch a distinct compiled variant, as the guard tells them apart."""
     return (call.a.device, call.transpose_weight, call.out_dtype, config_name, _weight_form(call.weight), call.a.dtype,
             call.row_std is not None, _dtype(call.bias), _dtype(call.lora_hidden), _dtype(call.lora_out_factor),
             rank_block(_rank(call)), call.dropout_keep is not None,
-            call.noise_offset[1] % contract.NORMALS_PER_CALL == 0)
+            call.noise_offset[1] % contract.NORMALS_PER_CALL == 0, call.inner_size % config["BLOCK_K"] == 0)
 
 
 def variant_name(key: tuple) -> str:
-    device, forward, dtype, config, form, a_dtype, noise, bias, hidden, factor, rank_tile, keep, aligned = key
+    device, forward, dtype, config, form, a_dtype, noise, bias, hidden, factor, rank_tile, keep, aligned, even_k = key
     weight = (f"4-bit/{form[2]} {form[1]}{'' if form[3] else ' straddling'}" if form[0] == "4-bit"
               else f"dense {form[1]}")
     return (f"perturbed_matmul {'forward' if forward else 'dX'} {dtype} {config} on {device} (W {weight}, a {a_dtype}, "
             f"noise {noise}, bias {bias}, LoRA {hidden}/{factor} rank tile {rank_tile}, dropout mask {keep}, "
-            f"noise columns {'aligned' if aligned else 'unaligned'})")
+            f"noise columns {'aligned' if aligned else 'unaligned'}, {'whole' if even_k else 'partial'} K steps)")
 
 
 def variant_passes(call: PerturbedMatmul, config_name: str, config: dict) -> bool:
@@ -100,7 +101,7 @@ def variant_passes(call: PerturbedMatmul, config_name: str, config: dict) -> boo
     on a failure in ``error`` mode."""
     if call.a.device.type not in STATE.devices:
         return True
-    key = variant_key(call, config_name)
+    key = variant_key(call, config_name, config)
     verdict = STATE.verdicts.get(key)
     if verdict is not None:
         return verdict
@@ -130,24 +131,34 @@ def _check_weight(weight: torch.Tensor | PackedWeight4bit, m: int, n: int,
                             weight.codebook, weight.blocksize, (m, n), weight.dtype)
 
 
-def _check_sizes(config: dict, weight: torch.Tensor | PackedWeight4bit, forward: bool) -> tuple[int, int, int]:
-    """(tokens, m, n) of the check problem: past one tile in every dimension of the configuration, none a
-    multiple of its tile; a 4-bit W keeps the call's relation between row length and block size."""
+def _check_sizes(config: dict, call: PerturbedMatmul) -> tuple[int, int, int]:
+    """(tokens, m, n) of the check problem, compiled as the same variant as ``call``: past one tile in every
+    dimension of the configuration; tokens and output columns not a multiple of their tile; the inner size
+    a multiple of BLOCK_K exactly when the call's is (``EVEN_K``); a 4-bit W keeps the call's relation
+    between row length and block size."""
     tokens = config["BLOCK_M"] + 19
     out_columns = config["BLOCK_N"] + 37
-    inner = 2 * config["BLOCK_K"] + 13
+    weight, forward, block_k = call.weight, call.transpose_weight, config["BLOCK_K"]
+    packed = isinstance(weight, PackedWeight4bit)
+    whole_blocks = packed and weight.shape[1] % weight.blocksize == 0
+
+    def fits(inner: int) -> bool:  # the inner size is W's row length forward
+        return ((inner % block_k == 0) == (call.inner_size % block_k == 0)
+                and not (packed and forward and (inner % weight.blocksize == 0) != whole_blocks))
+
+    # the call's inner size plus any multiple of BLOCK_K times the block size fits: the search ends
+    inner = next(size for size in itertools.count(2 * block_k + 13) if fits(size))
     m, n = (out_columns, inner) if forward else (inner, out_columns)
-    if isinstance(weight, PackedWeight4bit):
-        blocksize = weight.blocksize
-        n = cdiv(n, blocksize) * blocksize + (0 if weight.shape[1] % blocksize == 0 else 2)
+    if packed and not forward:
+        n = cdiv(n, weight.blocksize) * weight.blocksize + (0 if whole_blocks else 2)
     return tokens, m, n
 
 
-def _check(key: tuple, call: PerturbedMatmul, config: dict) -> str | None:
-    """Run the variant (launch ``config``) and the slab path on the check problem; None when they agree,
-    else what went wrong."""
-    device, forward, dtype = call.a.device, call.transpose_weight, call.out_dtype
-    tokens, m, n = _check_sizes(config, call.weight, forward)
+def check_problem(call: PerturbedMatmul, config: dict) -> PerturbedMatmul:
+    """The guard's problem for the variant of ``call`` launched with ``config``: random operands of the
+    call's forms, dtypes and flags at :func:`_check_sizes`, so it compiles to the same variant."""
+    device, forward = call.a.device, call.transpose_weight
+    tokens, m, n = _check_sizes(config, call)
     out_columns, inner = (m, n) if forward else (n, m)
     g = torch.Generator().manual_seed(CHECK_SEED % 2**63)
 
@@ -155,7 +166,7 @@ def _check(key: tuple, call: PerturbedMatmul, config: dict) -> str | None:
         return None if t is None else torch.randn(*shape, generator=g).to(t.dtype).to(device)
 
     rank = _rank(call)
-    problem = dataclasses.replace(
+    return dataclasses.replace(
         call, a=torch.randn(tokens, inner, generator=g).to(call.a.dtype).to(device),
         weight=_check_weight(call.weight, m, n, g), seed=CHECK_SEED,
         row_std=None if call.row_std is None else (0.3 * (0.5 + torch.rand(m, generator=g))).to(device),
@@ -163,6 +174,13 @@ def _check(key: tuple, call: PerturbedMatmul, config: dict) -> str | None:
         lora_out_factor=like(call.lora_out_factor, rank, out_columns),
         dropout_keep=None if call.dropout_keep is None else (torch.rand(tokens, out_columns, generator=g) >= 0.3).to(device),
         noise_offset=(5, 8 if call.noise_offset[1] % contract.NORMALS_PER_CALL == 0 else 7))
+
+
+def _check(key: tuple, call: PerturbedMatmul, config: dict) -> str | None:
+    """Run the variant (launch ``config``) and the slab path on the check problem; None when they agree,
+    else what went wrong."""
+    problem = check_problem(call, config)
+    tokens, m, n = problem.out_shape[0], *problem.weight.shape
     with torch.no_grad():
         fused = launch_fused(problem, config)
         if STATE.corrupt is not None:
@@ -170,8 +188,8 @@ def _check(key: tuple, call: PerturbedMatmul, config: dict) -> str | None:
         slab = slab_perturbed_matmul(problem)
     scale = slab.double().abs().max().clamp_min(1e-30)
     difference = ((fused.double() - slab.double()).abs().max() / scale).item()
-    if difference <= TOLERANCE[dtype]:  # NaN compares False: a non-finite result fails
+    if difference <= TOLERANCE[call.out_dtype]:  # NaN compares False: a non-finite result fails
         return None
     return (f"Flat-LoRA fused kernel check failed: {variant_name(key)} disagrees with the slab path on a "
             f"{tokens}-token problem over a {m} x {n} W: max |fused - slab| / max |slab| = {difference:.3g}, "
-            f"allowed {TOLERANCE[dtype]:.3g}.")
+            f"allowed {TOLERANCE[call.out_dtype]:.3g}.")

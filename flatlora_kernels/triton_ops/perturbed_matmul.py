@@ -65,6 +65,7 @@ def _perturbed_matmul_kernel(
     # Meta-parameters: arithmetic (interpreter workarounds, fp32 dot precision, hardware noise functions)
     UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
     FAST_NOISE: tl.constexpr, NOISE_COLS_ALIGNED: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no K-step is partial
     # Meta-parameters: how W is read (quant4bit.tile_constexprs)
     WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr,
     DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr,
@@ -97,8 +98,8 @@ def _perturbed_matmul_kernel(
     acc = _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, offs_m, m_ok, n_start, offs_n, N, K,
                   stride_am, stride_ak, stride_wi, stride_wj, seed_lo, seed_hi, noise_row_offset, noise_col_offset,
                   compute_dtype, W_ROWS_ARE_N, HAS_NOISE, UPCAST_DOT, MANUAL_BF16_ROUNDING, FP32_PRECISION,
-                  FAST_NOISE, NOISE_COLS_ALIGNED, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
-                  DEQUANT_MANUAL_ROUNDING, BLOCK_M, BLOCK_N, BLOCK_K)
+                  FAST_NOISE, NOISE_COLS_ALIGNED, EVEN_K, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS,
+                  DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING, BLOCK_M, BLOCK_N, BLOCK_K)
 
     # Epilogue, in float32: + s * (h @ F) [* keep / (1 - p)] + bias, rounded once.
     if HAS_LORA:
@@ -125,8 +126,8 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
             stride_am, stride_ak, stride_wi, stride_wj, seed_lo, seed_hi, noise_row_offset, noise_col_offset,
             compute_dtype: tl.constexpr, W_ROWS_ARE_N: tl.constexpr, HAS_NOISE: tl.constexpr,
             UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
-            FAST_NOISE: tl.constexpr, NOISE_COLS_ALIGNED: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
-            QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
+            FAST_NOISE: tl.constexpr, NOISE_COLS_ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+            WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
             DEQUANT_MANUAL_ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr):
     """``acc += a[offs_m, :] @ op(W + diag(c) Z)[:, offs_n]``, one K-step at a time (``std_n``: c of the
@@ -139,7 +140,8 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
     W tiles of step k + 1 are loaded into registers before step k's dot (their latency hides behind it)
     and perturbed after it. A 4-bit W keeps the pipeliner's copies and perturbs each step's tile before
     its dot: its in-register dequantization on top of the prefetched tiles spills on sm_90. The loop
-    ends with one unused step past K, its loads masked off."""
+    ends with one unused prefetch: past K, its loads masked off, or with ``EVEN_K`` (no K masks at all)
+    the last step's tiles again."""
     if HAS_NOISE:
         if NOISE_COLS_ALIGNED:
             noise_col_offset = tl.multiple_of(noise_col_offset, 8)
@@ -154,18 +156,24 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
         z = 0.0
     prefetch: tl.constexpr = not WEIGHT_4BIT  # step k + 1's tiles in registers before step k's dot (see above)
     if prefetch:
-        a = _a_tile(a_ptr, offs_m, m_ok, 0, K, stride_am, stride_ak, compute_dtype, MANUAL_BF16_ROUNDING, BLOCK_K)
+        a = _a_tile(a_ptr, offs_m, m_ok, 0, K, stride_am, stride_ak, compute_dtype, MANUAL_BF16_ROUNDING, EVEN_K,
+                    BLOCK_K)
         w, std = _weight_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, n_start, 0, N, K, stride_wi,
-                              stride_wj, W_ROWS_ARE_N, HAS_NOISE, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS,
-                              DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING, BLOCK_N, BLOCK_K)
+                              stride_wj, W_ROWS_ARE_N, HAS_NOISE, EVEN_K, WEIGHT_4BIT, QUANT_BLOCKSIZE,
+                              WHOLE_BLOCK_ROWS, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING, BLOCK_N, BLOCK_K)
         w = _perturbed(w, std, z, compute_dtype, W_ROWS_ARE_N, HAS_NOISE, MANUAL_BF16_ROUNDING)
     for k_start in range(0, K, BLOCK_K):
         # the tiles of step k + 1 (prefetch), else of step k, perturbed with its noise now
-        k_load = k_start + BLOCK_K if prefetch else k_start
+        if prefetch and EVEN_K:
+            k_load = tl.minimum(k_start + BLOCK_K, K - BLOCK_K)  # unmasked loads stay inside W
+        elif prefetch:
+            k_load = k_start + BLOCK_K
+        else:
+            k_load = k_start
         a_load = _a_tile(a_ptr, offs_m, m_ok, k_load, K, stride_am, stride_ak, compute_dtype, MANUAL_BF16_ROUNDING,
-                         BLOCK_K)
+                         EVEN_K, BLOCK_K)
         w_load, std = _weight_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, n_start, k_load, N, K,
-                                   stride_wi, stride_wj, W_ROWS_ARE_N, HAS_NOISE, WEIGHT_4BIT, QUANT_BLOCKSIZE,
+                                   stride_wi, stride_wj, W_ROWS_ARE_N, HAS_NOISE, EVEN_K, WEIGHT_4BIT, QUANT_BLOCKSIZE,
                                    WHOLE_BLOCK_ROWS, DEQUANT_DTYPE, DEQUANT_MANUAL_ROUNDING, BLOCK_N, BLOCK_K)
         if not prefetch:
             a = a_load
@@ -205,35 +213,44 @@ def _noise_tile(seed_lo, seed_hi, noise_rows, noise_col_offset, n_start, k_start
 
 @triton.jit
 def _a_tile(a_ptr, offs_m, m_ok, k_start, K, stride_am, stride_ak, compute_dtype: tl.constexpr,
-            MANUAL_BF16_ROUNDING: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The ``[BLOCK_M, BLOCK_K]`` tile of ``a`` at ``k_start`` (0 past K), rounded to ``compute_dtype``."""
+            MANUAL_BF16_ROUNDING: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_K]`` tile of ``a`` at ``k_start`` (0 past K), rounded to ``compute_dtype``.
+    With ``EVEN_K`` only rows are masked and rows past M are left undefined: they reach only output rows
+    that are never stored (and no zero fill is issued for them)."""
     offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-    a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+    pointers = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if EVEN_K:
+        a = tl.load(pointers, mask=m_ok[:, None])
+    else:
+        a = tl.load(pointers, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
     return round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
 
 
 @triton.jit
 def _weight_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, n_start, k_start, N, K, stride_wi, stride_wj,
-                 W_ROWS_ARE_N: tl.constexpr, HAS_NOISE: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
+                 W_ROWS_ARE_N: tl.constexpr, HAS_NOISE: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
                  QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
                  DEQUANT_MANUAL_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W's tile of the K-step at ``k_start`` in W's orientation (dense, or 4-bit dequantized; 0 past the
-    weight) and the c of its rows, as a column for the tile: forward the tile at ``(n_start, k_start)``,
-    ``[BLOCK_N, BLOCK_K]``, with the output columns' ``std_n``; for dX the tile at ``(k_start, n_start)``,
-    ``[BLOCK_K, BLOCK_N]``, with the c of the K-step's rows."""
+    weight, or with ``EVEN_K`` undefined past N, where only unstored outputs read it) and the c of its
+    rows, as a column for the tile: forward the tile at ``(n_start, k_start)``, ``[BLOCK_N, BLOCK_K]``,
+    with the output columns' ``std_n``; for dX the tile at ``(k_start, n_start)``, ``[BLOCK_K, BLOCK_N]``,
+    with the c of the K-step's rows."""
     if W_ROWS_ARE_N:
         w = load_weight_tile(w_ptr, n_start, k_start, N, K, stride_wi, stride_wj, absmax_ptr, codebook_ptr,
                              BLOCK_N, BLOCK_K, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
-                             DEQUANT_MANUAL_ROUNDING)
+                             DEQUANT_MANUAL_ROUNDING, WHOLE_COLS=EVEN_K and not WEIGHT_4BIT)
         std = std_n[:, None] if HAS_NOISE else 0.0
     else:
         w = load_weight_tile(w_ptr, k_start, n_start, K, N, stride_wi, stride_wj, absmax_ptr, codebook_ptr,
                              BLOCK_K, BLOCK_N, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
-                             DEQUANT_MANUAL_ROUNDING)
+                             DEQUANT_MANUAL_ROUNDING, WHOLE_ROWS=EVEN_K and not WEIGHT_4BIT)
         if HAS_NOISE:
             offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-            std = tl.load(row_std_ptr + offs_k, mask=offs_k < K, other=0.0)[:, None]
+            if EVEN_K:
+                std = tl.load(row_std_ptr + offs_k)[:, None]
+            else:
+                std = tl.load(row_std_ptr + offs_k, mask=offs_k < K, other=0.0)[:, None]
         else:
             std = 0.0
     return w, std
@@ -265,14 +282,14 @@ def fast_noise(dtype: torch.dtype) -> bool:
 
 def matmul_constexprs(dtype: torch.dtype, *, forward: bool, blocks: dict, weight_tile: dict, has_noise: bool,
                       has_bias: bool, has_lora: bool, has_keep: bool, rank: int, noise_cols_aligned: bool,
-                      fp32_precision: str) -> dict:
+                      even_k: bool, fp32_precision: str) -> dict:
     """Every constexpr of :func:`_perturbed_matmul_kernel` for a launch computing in ``dtype``: the
-    direction, which terms exist, the arithmetic switches, ``weight_tile``
+    direction, which terms exist, the arithmetic switches, whether K is a multiple of BLOCK_K, ``weight_tile``
     (:func:`~flatlora_kernels.triton_ops.quant4bit.tile_constexprs`) and the tile sizes ``blocks``.
     The launcher and the ahead-of-time variants (:mod:`.aot`) both build them here."""
     return dict(W_ROWS_ARE_N=forward, HAS_NOISE=has_noise, HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_KEEP=has_keep,
                 UPCAST_DOT=dot_needs_fp32_operands(dtype), MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(dtype),
-                FP32_PRECISION=fp32_precision, FAST_NOISE=fast_noise(dtype), NOISE_COLS_ALIGNED=noise_cols_aligned,
+                FP32_PRECISION=fp32_precision, FAST_NOISE=fast_noise(dtype), NOISE_COLS_ALIGNED=noise_cols_aligned, EVEN_K=even_k,
                 **weight_tile, BLOCK_R=rank_block(rank), **blocks)
 
 
@@ -333,7 +350,7 @@ def launch_fused(call: PerturbedMatmul, config: dict, *, out: torch.Tensor | Non
                             has_noise=row_std is not None, has_bias=bias is not None,
                             has_lora=call.lora_hidden is not None, has_keep=call.dropout_keep is not None, rank=rank,
                             noise_cols_aligned=noise_col_offset % contract.NORMALS_PER_CALL == 0,
-                            fp32_precision=fp32_dot_precision()),
+                            even_k=call.inner_size % blocks["BLOCK_K"] == 0, fp32_precision=fp32_dot_precision()),
         **options,
     )
     return out

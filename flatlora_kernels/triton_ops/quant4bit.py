@@ -73,10 +73,16 @@ def dequantize_tile(packed_ptr, absmax_ptr, codebook_ptr, row_start, col_start, 
 def load_weight_tile(w_ptr, row_start, col_start, row_count, row_length, stride_wi, stride_wj, absmax_ptr, codebook_ptr,
                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, WEIGHT_4BIT: tl.constexpr,
                      QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
-                     DEQUANT_MANUAL_ROUNDING: tl.constexpr):
+                     DEQUANT_MANUAL_ROUNDING: tl.constexpr, WHOLE_ROWS: tl.constexpr = False,
+                     WHOLE_COLS: tl.constexpr = False):
     """The ``(BLOCK_ROWS, BLOCK_COLS)`` tile of the logical ``(row_count, row_length)`` weight at
     ``(row_start, col_start)``, 0 outside it: a strided load of a dense W, or with ``WEIGHT_4BIT``
-    the packed codes at ``w_ptr`` dequantized. ``col_start`` is a multiple of ``BLOCK_COLS``."""
+    the packed codes at ``w_ptr`` dequantized. ``col_start`` is a multiple of ``BLOCK_COLS``.
+
+    A dense W's caller may promise that the tile's rows (``WHOLE_ROWS``) or columns (``WHOLE_COLS``) lie
+    inside the weight: that side is then not masked, and the other side's elements past the weight are
+    undefined instead of 0 (the caller must not let them reach anything it stores)."""
+    tl.static_assert(not (WEIGHT_4BIT and (WHOLE_ROWS or WHOLE_COLS)), "4-bit tiles are always masked")
     if WEIGHT_4BIT:
         w = dequantize_tile(w_ptr, absmax_ptr, codebook_ptr, row_start, col_start, row_count, row_length,
                             BLOCK_ROWS, BLOCK_COLS, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS, DEQUANT_DTYPE,
@@ -84,8 +90,13 @@ def load_weight_tile(w_ptr, row_start, col_start, row_count, row_length, stride_
     else:
         rows = tl.cast(row_start, tl.int64) + tl.arange(0, BLOCK_ROWS)
         cols = tl.cast(col_start, tl.int64) + tl.arange(0, BLOCK_COLS)
-        w = tl.load(w_ptr + rows[:, None] * stride_wi + cols[None, :] * stride_wj,
-                    mask=(rows < row_count)[:, None] & (cols < row_length)[None, :], other=0.0)
+        pointers = w_ptr + rows[:, None] * stride_wi + cols[None, :] * stride_wj
+        if WHOLE_ROWS:
+            w = tl.load(pointers, mask=(cols < row_length)[None, :])
+        elif WHOLE_COLS:
+            w = tl.load(pointers, mask=(rows < row_count)[:, None])
+        else:
+            w = tl.load(pointers, mask=(rows < row_count)[:, None] & (cols < row_length)[None, :], other=0.0)
     return w
 
 
