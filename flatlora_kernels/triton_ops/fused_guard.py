@@ -1,9 +1,10 @@
 """A guard on the fused kernels until they have a GPU record: each variant checks itself once.
 
 The first CUDA launch of each fused kernel variant in a process (direction, compute dtype, launch
-configuration, dense or 4-bit W, and which of bias, LoRA term, dropout mask and noise it carries)
-first runs that variant and the slab path (:mod:`~flatlora_kernels.triton_ops.slab`) on a small
-problem of odd sizes that spans several tiles of the configuration, with the call's own operand
+configuration, dense or 4-bit W, which of bias, LoRA term, dropout mask and noise it carries, and
+whether K is a multiple of the K tile) first runs that variant and the slab path
+(:mod:`~flatlora_kernels.triton_ops.slab`) on a small problem that spans several tiles of the
+configuration and compiles to the same variant (:func:`check_problem`), with the call's own operand
 dtypes, and compares them. Both round ``W + diag(c) Z`` to the compute dtype from the same noise, so
 they differ only by float32 summation order and the slab path's second rounding of the LoRA term:
 :data:`TOLERANCE` allows a few units in the last place of the compute dtype, relative to the
