@@ -25,8 +25,9 @@ from flatlora_kernels.paths import TABLE_SCHEMA, load_path_table
 
 # Keep in step with benchmarks/NOTES.md: what it predicted for each goal before any GPU run.
 NOTES_PREDICTIONS = {
-    "layer": "§0: noise-bound at BLOCK_M = 128, several times slower than cuBLAS at large token counts "
-             "(about 1.7 ps of noise against 0.26 ps of tensor-core work per W element and token tile)",
+    "layer": "§1.10 (static sm_90 SASS): the fused bulk bf16 K-loop takes 1.40 / 1.49 × its tensor-core time "
+             "(forward / dX) with the noise issued under the wgmma, so about 1.4-1.5× cuBLAS at any bulk token "
+             "count; §2: the slab path's extra work falls as 1/tokens",
     "step": "none in NOTES.md",
     "memory": "none in NOTES.md (nothing m×n is allocated or saved by design)",
     "changed": "none in NOTES.md (0 by construction: W is only read)",
