@@ -7,7 +7,8 @@ on every encoder linear layer), data and batch size, builds both methods side by
 blocks of steps between them, so both see the same machine state; it reports the median step time of
 each and their ratio. ``--busy N`` runs N busy-loop processes meanwhile (the loaded-machine figure).
 
-    python benchmarks/main_job_steps.py [--steps 60] [--block 5] [--busy 0] [--out benchmarks/results/main-job-steps.json]
+    python benchmarks/main_job_steps.py [--steps 60] [--block 5] [--busy 0]
+                                        [--out benchmarks/results/main-job-steps.json]
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from .. import noise as contract
 from ..matmul_call import PerturbedMatmul
 from ..quant4bit import PackedWeight4bit
 from .common import cdiv
-from .perturbed_matmul import launch_fused
+from .perturbed_matmul import launch_fused, whole_k_steps
 from .row_norms import rank_block
 from .slab import slab_perturbed_matmul
 
@@ -84,7 +84,8 @@ def variant_key(call: PerturbedMatmul, config_name: str, config: dict) -> tuple:
     return (call.a.device, call.transpose_weight, call.out_dtype, config_name, _weight_form(call.weight), call.a.dtype,
             call.row_std is not None, _dtype(call.bias), _dtype(call.lora_hidden), _dtype(call.lora_out_factor),
             rank_block(_rank(call)), call.dropout_keep is not None,
-            call.noise_offset[1] % contract.NORMALS_PER_CALL == 0, call.inner_size % config["BLOCK_K"] == 0)
+            call.noise_offset[1] % contract.NORMALS_PER_CALL == 0,
+            whole_k_steps(call.inner_size, config["BLOCK_K"]))
 
 
 def variant_name(key: tuple) -> str:
@@ -144,7 +145,7 @@ def _check_sizes(config: dict, call: PerturbedMatmul) -> tuple[int, int, int]:
     whole_blocks = packed and weight.shape[1] % weight.blocksize == 0
 
     def fits(inner: int) -> bool:  # the inner size is W's row length forward
-        return ((inner % block_k == 0) == (call.inner_size % block_k == 0)
+        return (whole_k_steps(inner, block_k) == whole_k_steps(call.inner_size, block_k)
                 and not (packed and forward and (inner % weight.blocksize == 0) != whole_blocks))
 
     # the call's inner size plus any multiple of BLOCK_K times the block size fits: the search ends

@@ -127,9 +127,9 @@ def _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, off
             compute_dtype: tl.constexpr, W_ROWS_ARE_N: tl.constexpr, HAS_NOISE: tl.constexpr,
             UPCAST_DOT: tl.constexpr, MANUAL_BF16_ROUNDING: tl.constexpr, FP32_PRECISION: tl.constexpr,
             FAST_NOISE: tl.constexpr, NOISE_COLS_ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
-            WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
-            DEQUANT_MANUAL_ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            WEIGHT_4BIT: tl.constexpr, QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr,
+            DEQUANT_DTYPE: tl.constexpr, DEQUANT_MANUAL_ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``acc += a[offs_m, :] @ op(W + diag(c) Z)[:, offs_n]``, one K-step at a time (``std_n``: c of the
     W rows that are the output columns, forward).
 
@@ -270,6 +270,12 @@ def _perturbed(w, std, z, compute_dtype: tl.constexpr, W_ROWS_ARE_N: tl.constexp
     return w
 
 
+def whole_k_steps(inner_size: int, block_k: int) -> bool:
+    """``EVEN_K``: the inner size is a positive multiple of the K tile, so no K-step is partial and the
+    kernel loads without K masks (an empty K has nothing to load)."""
+    return inner_size > 0 and inner_size % block_k == 0
+
+
 def fast_noise(dtype: torch.dtype) -> bool:
     """Hardware lg2/sin/cos for the noise: on the GPU, for 16-bit compute only.
 
@@ -289,8 +295,8 @@ def matmul_constexprs(dtype: torch.dtype, *, forward: bool, blocks: dict, weight
     The launcher and the ahead-of-time variants (:mod:`.aot`) both build them here."""
     return dict(W_ROWS_ARE_N=forward, HAS_NOISE=has_noise, HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_KEEP=has_keep,
                 UPCAST_DOT=dot_needs_fp32_operands(dtype), MANUAL_BF16_ROUNDING=cast_needs_manual_rounding(dtype),
-                FP32_PRECISION=fp32_precision, FAST_NOISE=fast_noise(dtype), NOISE_COLS_ALIGNED=noise_cols_aligned, EVEN_K=even_k,
-                **weight_tile, BLOCK_R=rank_block(rank), **blocks)
+                FP32_PRECISION=fp32_precision, FAST_NOISE=fast_noise(dtype), NOISE_COLS_ALIGNED=noise_cols_aligned,
+                EVEN_K=even_k, **weight_tile, BLOCK_R=rank_block(rank), **blocks)
 
 
 def perturbed_matmul_triton(call: PerturbedMatmul, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,7 +356,8 @@ def launch_fused(call: PerturbedMatmul, config: dict, *, out: torch.Tensor | Non
                             has_noise=row_std is not None, has_bias=bias is not None,
                             has_lora=call.lora_hidden is not None, has_keep=call.dropout_keep is not None, rank=rank,
                             noise_cols_aligned=noise_col_offset % contract.NORMALS_PER_CALL == 0,
-                            even_k=call.inner_size % blocks["BLOCK_K"] == 0, fp32_precision=fp32_dot_precision()),
+                            even_k=whole_k_steps(call.inner_size, blocks["BLOCK_K"]),
+                            fp32_precision=fp32_dot_precision()),
         **options,
     )
     return out
