@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import os
 from collections.abc import Sequence
 
@@ -94,6 +95,15 @@ def join_process_group(rank: int, world: int, init_file: str, backend: str = "gl
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo talks over loopback only, never the host's other interfaces
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group once nothing else holds it. A DDP reducer that outlives
+    ``destroy_process_group`` destroys the gloo group itself when it is freed, holding the GIL while gloo's
+    threads may still need it: a hang at exit (pytorch/pytorch#56297; seen once in this suite). Workers drop
+    their DDP modules before calling this; the collection frees any left in reference cycles."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def quantized(m, n, *, quant_type, blocksize, double, dtype=torch.float32, seed=0):

@@ -15,7 +15,7 @@ from flatlora_kernels import apply_flat_lora  # noqa: E402
 
 from .helpers import (  # noqa: E402
     DP_LR, DP_SEED, DP_SIGMA, DP_STEPS, DP_WORLD, TRAINER_STEPS, assert_plain_peft_adapter_equals, dp_batch,
-    join_process_group, one_process_reference, peft_family, run_processes, train_with_trainer)
+    join_process_group, leave_process_group, one_process_reference, peft_family, run_processes, train_with_trainer)
 
 DEADLINE_S = 240
 ZERO3 = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
@@ -57,7 +57,7 @@ def _worker(rank, init_file, apply_first, out_dir):
                                                               ctl.layers.values()]},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("apply_first", [False, True], ids=["applied-after-initialize", "applied-before"])
@@ -84,7 +84,7 @@ def _trainer_worker(rank, init_file, out_dir):
     trainer.save_model(os.path.join(out_dir, "adapter"))
     torch.save({"steps": callback.controller.step_count}, os.path.join(out_dir, f"trainer{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_zero3_through_trainer_equals_one_process(tmp_path):

@@ -4,11 +4,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from flatlora_kernels import apply_flat_lora
 
-from .helpers import VOCAB, join_process_group, peft_family, run_processes
+from .helpers import VOCAB, join_process_group, leave_process_group, peft_family, run_processes
 
 WORLD = 2
 STEPS = 3
@@ -35,7 +34,8 @@ def _worker(rank, init_file, per_rank_noise, out_dir):
         ctl.step()
     adapters = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"seeds": seeds, "adapters": adapters}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    del ddp  # before the group goes (see leave_process_group)
+    leave_process_group()
 
 
 @pytest.mark.parametrize("per_rank_noise", [True, False])

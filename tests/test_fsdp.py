@@ -9,8 +9,8 @@ import torch.distributed as dist
 from flatlora_kernels import apply_flat_lora
 
 from .helpers import (DP_LR, DP_SEED, DP_SIGMA, DP_STEPS, DP_WORLD, TRAINER_STEPS, assert_plain_peft_adapter_equals,
-                      dp_batch, join_process_group, one_process_reference, peft_family, run_processes, trainable,
-                      train_with_trainer)
+                      dp_batch, join_process_group, leave_process_group, one_process_reference, peft_family,
+                      run_processes, trainable, train_with_trainer)
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
@@ -55,7 +55,7 @@ def _worker(rank, init_file, per_rank_noise, reshard, apply_first, granularity, 
                 "classes": {type(layer).__name__ for layer in ctl.layers.values()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("per_rank_noise,reshard,apply_first,granularity", [
@@ -126,7 +126,7 @@ def _trainer_worker(rank, init_file, out_dir):
     torch.save({"sharded": sharded, "steps": callback.controller.step_count,
                 "wrapped": type(trainer.model_wrapped).__name__}, os.path.join(out_dir, f"trainer{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_fsdp2_through_trainer_and_accelerate_equals_one_process(tmp_path):

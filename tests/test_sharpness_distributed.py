@@ -5,11 +5,10 @@ import contextlib
 import os
 
 import torch
-import torch.distributed as dist
 
 import flatlora_kernels as fk
 
-from .helpers import VOCAB, join_process_group, peft_family, run_processes, trainable
+from .helpers import VOCAB, join_process_group, leave_process_group, peft_family, run_processes, trainable
 
 WORLD = 2
 STEPS = 2
@@ -61,7 +60,7 @@ def _worker(rank, init_file, out_dir):
     join_process_group(rank, WORLD, init_file)
     results = {name: _train(name, rank) for name in METHODS}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_sharpness_methods_ddp_two_processes(tmp_path):

@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 
 from flatlora_kernels import apply_flat_lora
 
-from .helpers import REL_TOL, TinyMLP, join_process_group, rel_err, run_processes
+from .helpers import REL_TOL, TinyMLP, join_process_group, leave_process_group, rel_err, run_processes
 
 tp = pytest.importorskip("torch.distributed.tensor.parallel")
 
@@ -102,7 +102,7 @@ def _worker(rank, init_file, backend, out_dir):
             errors[name] = str(exc)
     torch.save(errors, os.path.join(out_dir, f"errors{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
