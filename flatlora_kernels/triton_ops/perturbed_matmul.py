@@ -95,7 +95,9 @@ def _perturbed_matmul_kernel(
         std_n = 0.0  # dX: the W rows are the K-step's, their c is loaded per step
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, offs_m, m_ok, n_start, offs_n, N, K,
+    # with EVEN_K the a tiles load unmasked: rows past M re-read row M - 1, for outputs never stored
+    a_rows = tl.minimum(offs_m, M - 1) if EVEN_K else offs_m
+    acc = _k_loop(acc, a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, a_rows, m_ok, n_start, offs_n, N, K,
                   stride_am, stride_ak, stride_wi, stride_wj, seed_lo, seed_hi, noise_row_offset, noise_col_offset,
                   compute_dtype, W_ROWS_ARE_N, HAS_NOISE, UPCAST_DOT, MANUAL_BF16_ROUNDING, FP32_PRECISION,
                   FAST_NOISE, NOISE_COLS_ALIGNED, EVEN_K, WEIGHT_4BIT, QUANT_BLOCKSIZE, WHOLE_BLOCK_ROWS,
@@ -215,12 +217,12 @@ def _noise_tile(seed_lo, seed_hi, noise_rows, noise_col_offset, n_start, k_start
 def _a_tile(a_ptr, offs_m, m_ok, k_start, K, stride_am, stride_ak, compute_dtype: tl.constexpr,
             MANUAL_BF16_ROUNDING: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The ``[BLOCK_M, BLOCK_K]`` tile of ``a`` at ``k_start`` (0 past K), rounded to ``compute_dtype``.
-    With ``EVEN_K`` only rows are masked and rows past M are left undefined: they reach only output rows
-    that are never stored (and no zero fill is issued for them)."""
+    With ``EVEN_K`` nothing is masked (no predicates, no zero fill): the caller's ``offs_m`` are clamped
+    to the last row, so rows past M repeat it, for output rows that are never stored."""
     offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
     pointers = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     if EVEN_K:
-        a = tl.load(pointers, mask=m_ok[:, None])
+        a = tl.load(pointers)
     else:
         a = tl.load(pointers, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
     return round_to(a, compute_dtype, MANUAL_BF16_ROUNDING)
@@ -232,7 +234,7 @@ def _weight_tile(w_ptr, absmax_ptr, codebook_ptr, row_std_ptr, std_n, n_start, k
                  QUANT_BLOCKSIZE: tl.constexpr, WHOLE_BLOCK_ROWS: tl.constexpr, DEQUANT_DTYPE: tl.constexpr,
                  DEQUANT_MANUAL_ROUNDING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W's tile of the K-step at ``k_start`` in W's orientation (dense, or 4-bit dequantized; 0 past the
-    weight, or with ``EVEN_K`` undefined past N, where only unstored outputs read it) and the c of its
+    weight, or with ``EVEN_K`` other values past N, which only unstored outputs read) and the c of its
     rows, as a column for the tile: forward the tile at ``(n_start, k_start)``, ``[BLOCK_N, BLOCK_K]``,
     with the output columns' ``std_n``; for dX the tile at ``(k_start, n_start)``, ``[BLOCK_K, BLOCK_N]``,
     with the c of the K-step's rows."""

@@ -81,7 +81,9 @@ def load_weight_tile(w_ptr, row_start, col_start, row_count, row_length, stride_
 
     A dense W's caller may promise that the tile's rows (``WHOLE_ROWS``) or columns (``WHOLE_COLS``) lie
     inside the weight: that side is then not masked, and the other side's elements past the weight are
-    undefined instead of 0 (the caller must not let them reach anything it stores)."""
+    not 0 (the caller must not let them reach anything it stores): with ``WHOLE_COLS`` rows past the
+    weight repeat its last row (no mask at all: a clamp keeps the row-major loads vectorised), with
+    ``WHOLE_ROWS`` columns past it are masked and undefined."""
     tl.static_assert(not (WEIGHT_4BIT and (WHOLE_ROWS or WHOLE_COLS)), "4-bit tiles are always masked")
     if WEIGHT_4BIT:
         w = dequantize_tile(w_ptr, absmax_ptr, codebook_ptr, row_start, col_start, row_count, row_length,
@@ -90,11 +92,13 @@ def load_weight_tile(w_ptr, row_start, col_start, row_count, row_length, stride_
     else:
         rows = tl.cast(row_start, tl.int64) + tl.arange(0, BLOCK_ROWS)
         cols = tl.cast(col_start, tl.int64) + tl.arange(0, BLOCK_COLS)
+        if WHOLE_COLS:
+            rows = tl.minimum(rows, row_count - 1)
         pointers = w_ptr + rows[:, None] * stride_wi + cols[None, :] * stride_wj
-        if WHOLE_ROWS:
+        if WHOLE_COLS:
+            w = tl.load(pointers)
+        elif WHOLE_ROWS:
             w = tl.load(pointers, mask=(cols < row_length)[None, :])
-        elif WHOLE_COLS:
-            w = tl.load(pointers, mask=(rows < row_count)[:, None])
         else:
             w = tl.load(pointers, mask=(rows < row_count)[:, None] & (cols < row_length)[None, :], other=0.0)
     return w
