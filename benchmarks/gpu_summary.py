@@ -25,7 +25,7 @@ from flatlora_kernels.paths import TABLE_SCHEMA, load_path_table
 
 # Keep in step with benchmarks/NOTES.md: what it predicted for each goal before any GPU run.
 NOTES_PREDICTIONS = {
-    "layer": "§1.10 (static sm_90 SASS): the fused bulk bf16 K-loop takes 1.40 / 1.49 × its tensor-core time "
+    "layer": "§1.10 (static sm_90 SASS): the fused bulk bf16 K-loop takes 1.37 / 1.46 × its tensor-core time "
              "(forward / dX) with the noise issued under the wgmma, so about 1.4-1.5× cuBLAS at any bulk token "
              "count; §2: the slab path's extra work falls as 1/tokens",
     "step": "none in NOTES.md",
