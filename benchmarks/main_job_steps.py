@@ -14,6 +14,7 @@ each and their ratio. ``--busy N`` runs N busy-loop processes meanwhile (the loa
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import statistics
 import sys
@@ -39,7 +40,7 @@ def make_trainer(method: str, batches, sigma: float, seed: int, total_steps: int
     _, model = job.build(seed, 8)
     ctl = fk.apply_flat_lora(model, sigma=sigma, total_steps=total_steps, seed=seed) if method == "flat_lora" else None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    cursor = iter(range(10**9))
+    cursor = itertools.count()
 
     def step() -> float:
         enc, target = batches[next(cursor) % len(batches)]
